@@ -1,0 +1,424 @@
+//! One configuration: the embedded default, a TOML file on top, then
+//! environment variables and flags on top of that. Unknown keys are refused
+//! (`deny_unknown_fields`) and [`Config::validate`] checks values, so a typo
+//! stops the server at start with a message naming the key.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The configuration the server runs on when no file is given.
+pub const DEFAULT_TOML: &str = include_str!("default.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub webrtc: WebRtcConfig,
+    #[serde(default)]
+    pub hls: HlsConfig,
+    /// Settings for any stream name not listed under `[streams.NAME]`.
+    #[serde(default)]
+    pub stream_defaults: StreamConfig,
+    #[serde(default)]
+    pub streams: BTreeMap<String, StreamConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// HTTP listen address (WHIP, HLS).
+    pub http_listen: SocketAddr,
+    /// Directory for HLS segments and playlists.
+    pub data_dir: PathBuf,
+    /// Largest accepted request body (SDP offers), bytes.
+    pub max_body_bytes: usize,
+    /// Publishers allowed at once (503 beyond).
+    pub max_sessions: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            http_listen: "0.0.0.0:8080".parse().expect("static address"),
+            data_dir: PathBuf::from("./data"),
+            max_body_bytes: 64 * 1024,
+            max_sessions: 500,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebRtcConfig {
+    /// The one UDP socket that serves every WebRTC session.
+    pub udp_listen: SocketAddr,
+    /// Addresses put in ICE candidates: public IPs or host names for 1:1 NAT.
+    /// Empty: the addresses of the local interfaces (or the listen address
+    /// when it is not a wildcard).
+    pub public_addresses: Vec<String>,
+    /// STUN/TURN servers handed to clients in `Link: rel="ice-server"`.
+    pub ice_servers: Vec<IceServer>,
+    /// A session whose client sends nothing (no consent, no media) for this
+    /// long is closed, seconds.
+    pub idle_timeout: f64,
+}
+
+impl Default for WebRtcConfig {
+    fn default() -> Self {
+        Self {
+            udp_listen: "0.0.0.0:8189".parse().expect("static address"),
+            public_addresses: Vec::new(),
+            ice_servers: Vec::new(),
+            idle_timeout: 15.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IceServer {
+    pub urls: Vec<String>,
+    pub username: Option<String>,
+    pub credential: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HlsConfig {
+    /// Segment target duration, seconds: segments are cut on the first
+    /// keyframe at or after it.
+    pub segment_duration: f64,
+    /// Segments listed in the live playlist.
+    pub playlist_size: usize,
+    /// Segments kept on disk after they leave the playlist (for players that
+    /// are a little behind).
+    pub keep_extra: usize,
+}
+
+impl Default for HlsConfig {
+    fn default() -> Self {
+        Self {
+            segment_duration: 2.0,
+            playlist_size: 6,
+            keep_extra: 2,
+        }
+    }
+}
+
+impl HlsConfig {
+    pub fn target(&self) -> Duration {
+        Duration::from_secs_f64(self.segment_duration)
+    }
+}
+
+/// What happens when a stream that already has a publisher gets a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Takeover {
+    /// 409 while the current publisher sends media; a publisher whose media
+    /// stopped (vanished without DELETE) is replaced.
+    #[default]
+    Stale,
+    /// Always 409 while a session exists.
+    Never,
+    /// The newest publisher always wins.
+    Always,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamConfig {
+    /// May this stream be published at all.
+    pub enabled: bool,
+    /// Bearer tokens accepted for publishing (any of them). Empty: no auth.
+    pub tokens: Vec<String>,
+    /// Preset name (`presets/NAME.toml`).
+    pub preset: String,
+    pub takeover: Takeover,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            tokens: Vec::new(),
+            preset: "passthrough".into(),
+            takeover: Takeover::Stale,
+        }
+    }
+}
+
+/// Values given on the command line or in the environment; they win over
+/// the file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Overrides {
+    /// HTTP listen address.
+    #[arg(long, env = "WHIPGATE_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// WebRTC UDP listen address.
+    #[arg(long, env = "WHIPGATE_UDP_LISTEN")]
+    pub udp_listen: Option<SocketAddr>,
+    /// Addresses advertised in ICE candidates (comma separated).
+    #[arg(long, env = "WHIPGATE_PUBLIC_ADDRESSES", value_delimiter = ',')]
+    pub public_address: Vec<String>,
+    /// Data directory (HLS output).
+    #[arg(long, env = "WHIPGATE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Config {
+    /// Loads the embedded default, or `path` when given, applies overrides
+    /// and validates.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut config = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Self::parse(&text, &path.display().to_string())?
+            }
+            None => Self::parse(DEFAULT_TOML, "embedded default config")?,
+        };
+        config.apply(overrides);
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: e.to_string(),
+        })
+    }
+
+    fn apply(&mut self, o: &Overrides) {
+        if let Some(a) = o.http_listen {
+            self.server.http_listen = a;
+        }
+        if let Some(a) = o.udp_listen {
+            self.webrtc.udp_listen = a;
+        }
+        if !o.public_address.is_empty() {
+            self.webrtc.public_addresses = o.public_address.clone();
+        }
+        if let Some(d) = &o.data_dir {
+            self.server.data_dir = d.clone();
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let h = &self.hls;
+        if !(0.5..=30.0).contains(&h.segment_duration) {
+            return Err(invalid(
+                "hls.segment_duration",
+                "must be between 0.5 and 30 seconds",
+            ));
+        }
+        if !(1..=100).contains(&h.playlist_size) {
+            return Err(invalid("hls.playlist_size", "must be between 1 and 100"));
+        }
+        if self.server.max_body_bytes < 1024 {
+            return Err(invalid("server.max_body_bytes", "must be at least 1024"));
+        }
+        if self.server.max_sessions == 0 {
+            return Err(invalid("server.max_sessions", "must be at least 1"));
+        }
+        if !(1.0..=600.0).contains(&self.webrtc.idle_timeout) {
+            return Err(invalid(
+                "webrtc.idle_timeout",
+                "must be between 1 and 600 seconds",
+            ));
+        }
+        for (i, s) in self.webrtc.ice_servers.iter().enumerate() {
+            let key = format!("webrtc.ice_servers[{i}].urls");
+            if s.urls.is_empty() {
+                return Err(invalid(key, "needs at least one URL"));
+            }
+            for u in &s.urls {
+                let turn = u.starts_with("turn:") || u.starts_with("turns:");
+                if !(turn || u.starts_with("stun:") || u.starts_with("stuns:")) {
+                    return Err(invalid(
+                        &key,
+                        format!("`{u}` is not a stun:, stuns:, turn: or turns: URL"),
+                    ));
+                }
+                if turn && (s.username.is_none() || s.credential.is_none()) {
+                    return Err(invalid(&key, "TURN servers need username and credential"));
+                }
+            }
+        }
+        for (i, a) in self.webrtc.public_addresses.iter().enumerate() {
+            if a.parse::<IpAddr>().is_err() && (a.is_empty() || a.contains(char::is_whitespace))
+            {
+                return Err(invalid(
+                    format!("webrtc.public_addresses[{i}]"),
+                    format!("`{a}` is neither an IP address nor a host name"),
+                ));
+            }
+        }
+        let streams = std::iter::once(("stream_defaults".to_owned(), &self.stream_defaults))
+            .chain(self.streams.iter().map(|(n, s)| (format!("streams.{n}"), s)));
+        for (key, s) in streams {
+            if s.tokens.iter().any(|t| t.len() < 8) {
+                return Err(invalid(
+                    format!("{key}.tokens"),
+                    "tokens must be at least 8 characters",
+                ));
+            }
+            if s.preset != "passthrough" {
+                return Err(invalid(
+                    format!("{key}.preset"),
+                    format!("unknown preset `{}` (available: passthrough)", s.preset),
+                ));
+            }
+        }
+        for name in self.streams.keys() {
+            if !valid_stream_name(name) {
+                return Err(invalid(
+                    format!("streams.{name}"),
+                    "stream names use letters, digits, '-', '_' and '.' (1 to 64)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The settings for a stream name.
+    pub fn stream(&self, name: &str) -> &StreamConfig {
+        self.streams.get(name).unwrap_or(&self.stream_defaults)
+    }
+
+    /// IP addresses to put in ICE candidates, resolving host names.
+    pub fn candidate_ips(&self) -> Result<Vec<IpAddr>, ConfigError> {
+        let mut ips = Vec::new();
+        for a in &self.webrtc.public_addresses {
+            if let Ok(ip) = a.parse::<IpAddr>() {
+                ips.push(ip);
+                continue;
+            }
+            let resolved = (a.as_str(), 0u16)
+                .to_socket_addrs()
+                .map_err(|e| invalid("webrtc.public_addresses", format!("`{a}`: {e}")))?;
+            ips.extend(resolved.map(|s| s.ip()));
+        }
+        if ips.is_empty() {
+            let listen = self.webrtc.udp_listen.ip();
+            if listen.is_unspecified() {
+                let ifaces = if_addrs::get_if_addrs().unwrap_or_default();
+                ips.extend(
+                    ifaces
+                        .iter()
+                        .map(|i| i.ip())
+                        .filter(|ip| ip.is_ipv4() == listen.is_ipv4()),
+                );
+            } else {
+                ips.push(listen);
+            }
+        }
+        ips.sort();
+        ips.dedup();
+        Ok(ips)
+    }
+}
+
+/// Stream names appear in URLs and file paths: keep them plain.
+pub fn valid_stream_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(c.server.http_listen.port(), 8080);
+        assert_eq!(c.webrtc.udp_listen.port(), 8189);
+        assert_eq!(c.server.data_dir, PathBuf::from("./data"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::parse("[hls]\nsegment_duraton = 2.0\n", "test").unwrap_err();
+        assert!(e.to_string().contains("segment_duraton"), "{e}");
+    }
+
+    #[test]
+    fn bad_value_is_named() {
+        let c = Config::parse("[hls]\nsegment_duration = 0.1\n", "test").unwrap();
+        let e = c.validate().unwrap_err();
+        assert!(e.to_string().contains("hls.segment_duration"), "{e}");
+        let c = Config::parse("[streams.a]\ntokens = [\"short\"]\n", "t").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("streams.a.tokens"));
+        let c = Config::parse("[[webrtc.ice_servers]]\nurls = [\"http://x\"]\n", "t").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("webrtc.ice_servers[0].urls"), "{e}");
+    }
+
+    #[test]
+    fn overrides_win() {
+        let o = Overrides {
+            http_listen: Some("127.0.0.1:9000".parse().unwrap()),
+            public_address: vec!["203.0.113.7".into()],
+            ..Default::default()
+        };
+        let c = Config::load(None, &o).unwrap();
+        assert_eq!(c.server.http_listen.port(), 9000);
+        assert_eq!(
+            c.candidate_ips().unwrap(),
+            vec!["203.0.113.7".parse::<IpAddr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn per_stream_settings_and_defaults() {
+        let c = Config::parse(
+            "[stream_defaults]\ntokens = [\"default-token\"]\n[streams.cam]\ntokens = [\"camtoken1\"]\n",
+            "t",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.stream("cam").tokens, vec!["camtoken1"]);
+        assert_eq!(c.stream("other").tokens, vec!["default-token"]);
+    }
+
+    #[test]
+    fn stream_names() {
+        assert!(valid_stream_name("cam-1.main_2"));
+        assert!(!valid_stream_name("../etc"));
+        assert!(!valid_stream_name(""));
+        assert!(!valid_stream_name("a/b"));
+    }
+}

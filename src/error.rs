@@ -1,0 +1,81 @@
+//! Errors that reach HTTP clients, and the one place that maps them to status
+//! codes. Bodies are RFC 9457 `application/problem+json`.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("expected Content-Type {expected}")]
+    UnsupportedMediaType { expected: &'static str },
+    #[error("malformed SDP offer: {0}")]
+    BadSdp(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unacceptable(String),
+    #[error("a valid bearer token is required to publish this stream")]
+    Unauthorized,
+    #[error("stream `{0}` is not enabled")]
+    StreamDisabled(String),
+    #[error("no such resource")]
+    NotFound,
+    #[error("stream `{0}` already has a publisher")]
+    StreamBusy(String),
+    #[error("server is at capacity")]
+    Overloaded,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl AppError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            AppError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            AppError::BadSdp(_) | AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AppError::Unacceptable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            AppError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AppError::StreamDisabled(_) => StatusCode::FORBIDDEN,
+            AppError::NotFound => StatusCode::NOT_FOUND,
+            AppError::StreamBusy(_) => StatusCode::CONFLICT,
+            AppError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        } else {
+            tracing::debug!(status = status.as_u16(), error = %self, "request refused");
+        }
+        let body = serde_json::json!({
+            "type": "about:blank",
+            "title": status.canonical_reason().unwrap_or("error"),
+            "status": status.as_u16(),
+            "detail": self.to_string(),
+        });
+        let mut resp = (status, body.to_string()).into_response();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        match self {
+            AppError::Unauthorized => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"whipgate\""),
+                );
+            }
+            AppError::Overloaded => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            _ => {}
+        }
+        resp
+    }
+}

@@ -1,0 +1,10 @@
+//! HLS output: sans-IO MPEG-TS muxing, segmenting and playlists.
+//!
+//! Nothing here reads a clock, touches a file or awaits: frames and the wall
+//! clock come in as arguments, bytes and playlist text go out. The caller
+//! (`output`) owns storage and timing.
+
+pub mod playlist;
+pub mod segmenter;
+pub mod ts;
+// pub mod output; (storage and the hub side, added separately)

@@ -1,0 +1,190 @@
+//! The HLS output of one stream: a hub reader that feeds the segmenter and
+//! writes segments and the playlist to the stream's directory (each file
+//! written to a temporary name and renamed, so readers never see half a
+//! file). It lives as long as the stream: when the publisher leaves the
+//! playlist gets `EXT-X-ENDLIST`; when one comes back the playlist goes on
+//! with `EXT-X-DISCONTINUITY`.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+
+use super::playlist::{Playlist, PlaylistConfig};
+use super::segmenter::{Segment, Segmenter, SegmenterConfig};
+use crate::config::HlsConfig;
+use crate::hub::{Hub, HubFrame, Publication};
+use crate::media::frame::Codec;
+
+/// Frames queued for the HLS writer before it drops (about 10 s of media).
+const QUEUE: usize = 1024;
+
+struct Output {
+    hub: Arc<Hub>,
+    dir: PathBuf,
+    config: HlsConfig,
+    playlist: Playlist,
+    /// The publication being segmented, and its segmenter.
+    current: Option<(Publication, Segmenter)>,
+    /// Sequence number the current publication's segment 0 gets.
+    sequence_base: u64,
+    /// Segment files still on disk, oldest first.
+    on_disk: VecDeque<String>,
+}
+
+pub async fn run(
+    hub: Arc<Hub>,
+    config: HlsConfig,
+    dir: PathBuf,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let span = tracing::info_span!("hls", stream = %hub.name());
+    let mut sub = hub.subscribe("hls", &[Codec::H264, Codec::Aac], QUEUE);
+    if let Err(e) = reset_dir(&dir).await {
+        tracing::error!(parent: &span, dir = %dir.display(), error = %e, "cannot prepare the HLS directory; HLS is off for this stream");
+        return;
+    }
+    let mut out = Output {
+        hub: hub.clone(),
+        dir,
+        playlist: Playlist::new(PlaylistConfig {
+            target_duration: config.target(),
+            window: config.playlist_size,
+        }),
+        config,
+        current: None,
+        sequence_base: 0,
+        on_disk: VecDeque::new(),
+    };
+    loop {
+        tokio::select! {
+            biased;
+            frame = sub.frames.recv() => match frame {
+                Some(f) => out.frame(f, &span).await,
+                None => break,
+            },
+            changed = sub.state.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let live = *sub.state.borrow_and_update();
+                if live.is_none() {
+                    // Frames the publisher sent before leaving come first.
+                    while let Ok(f) = sub.frames.try_recv() {
+                        out.frame(f, &span).await;
+                    }
+                    out.end(&span).await;
+                }
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    while let Ok(f) = sub.frames.try_recv() {
+        out.frame(f, &span).await;
+    }
+    out.end(&span).await;
+}
+
+impl Output {
+    async fn frame(&mut self, hf: HubFrame, span: &tracing::Span) {
+        let HubFrame { publication, frame } = hf;
+        if self.current.as_ref().map(|(p, _)| p.id) != Some(publication.id) {
+            self.end(span).await;
+            let segmenter = Segmenter::new(
+                SegmenterConfig {
+                    target_duration: self.config.target(),
+                    ..Default::default()
+                },
+                publication.video,
+                publication.audio,
+            );
+            self.sequence_base = self.playlist.next_sequence();
+            self.current = Some((publication, segmenter));
+        }
+        let Some((_, segmenter)) = self.current.as_mut() else {
+            return;
+        };
+        let kind = frame.codec().kind();
+        match segmenter.push(kind, &frame, unix_ms()) {
+            Ok(Some(segment)) => self.write_segment(segment, span).await,
+            Ok(None) => {}
+            Err(e) => tracing::debug!(parent: span, error = %e, "frame not muxed"),
+        }
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|(_, s)| s.wants_keyframe())
+        {
+            self.hub.request_keyframe();
+        }
+    }
+
+    /// The publication ended: flush the last segment and end the playlist.
+    async fn end(&mut self, span: &tracing::Span) {
+        let Some((_, mut segmenter)) = self.current.take() else {
+            return;
+        };
+        if let Some(segment) = segmenter.finish() {
+            self.write_segment(segment, span).await;
+        }
+        self.playlist.end();
+        self.write_playlist(span).await;
+        tracing::info!(parent: span, "playlist ended");
+    }
+
+    async fn write_segment(&mut self, mut segment: Segment, span: &tracing::Span) {
+        segment.sequence += self.sequence_base;
+        if segment.sequence == self.sequence_base && self.sequence_base > 0 {
+            // First segment of a publisher coming back.
+            segment.discontinuity = true;
+        }
+        let name = Playlist::segment_uri(segment.sequence);
+        if let Err(e) = write_atomic(&self.dir, &name, &segment.data).await {
+            tracing::error!(parent: span, file = %name, error = %e, "cannot write segment");
+            return;
+        }
+        self.on_disk.push_back(name);
+        let _removed = self.playlist.push(&segment);
+        self.write_playlist(span).await;
+        // Keep a few segments after they leave the playlist for late players.
+        let keep = self.config.playlist_size + self.config.keep_extra;
+        while self.on_disk.len() > keep {
+            if let Some(old) = self.on_disk.pop_front() {
+                let _ = tokio::fs::remove_file(self.dir.join(&old)).await;
+            }
+        }
+        tracing::debug!(parent: span, sequence = segment.sequence, duration = segment.duration, bytes = segment.data.len(), "segment written");
+    }
+
+    async fn write_playlist(&self, span: &tracing::Span) {
+        let text = self.playlist.render();
+        if let Err(e) = write_atomic(&self.dir, "index.m3u8", text.as_bytes()).await {
+            tracing::error!(parent: span, error = %e, "cannot write playlist");
+        }
+    }
+}
+
+/// Creates the directory, removing what an earlier run left in it.
+async fn reset_dir(dir: &Path) -> std::io::Result<()> {
+    match tokio::fs::remove_dir_all(dir).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    tokio::fs::create_dir_all(dir).await
+}
+
+async fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    tokio::fs::write(&tmp, data).await?;
+    tokio::fs::rename(&tmp, dir.join(name)).await
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

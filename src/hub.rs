@@ -1,0 +1,312 @@
+//! The one fan-out point of a stream. The publisher (and transcoders, which
+//! put their renditions back in) call [`Hub::publish`], which never blocks:
+//! every reader owns a bounded queue, and a reader that falls behind loses
+//! frames (counted and logged) and, for video, skips to the next keyframe so
+//! what it does get stays decodable.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+
+use crate::media::frame::{Codec, Frame, TrackKind};
+
+/// One publisher's session on the stream: which tracks it sends. A new id
+/// each time someone (re)publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Publication {
+    pub id: u64,
+    pub video: bool,
+    pub audio: bool,
+}
+
+/// A frame as readers get it: with the publication it belongs to, so a reader
+/// notices a new publisher in order with the frames.
+#[derive(Debug, Clone)]
+pub struct HubFrame {
+    pub publication: Publication,
+    pub frame: Frame,
+}
+
+/// Asks the current publisher for a keyframe (PLI).
+pub type KeyframeRequester = Box<dyn Fn() + Send + Sync>;
+
+/// Minimum spacing of keyframe requests sent to a publisher.
+const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
+
+struct Reader {
+    id: u64,
+    name: &'static str,
+    codecs: &'static [Codec],
+    tx: mpsc::Sender<HubFrame>,
+    dropped: u64,
+    waiting_for_key: bool,
+}
+
+struct Publisher {
+    publication: Publication,
+    keyframe: KeyframeRequester,
+    last_keyframe_request: Option<Instant>,
+}
+
+pub struct Hub {
+    name: String,
+    readers: Mutex<Vec<Reader>>,
+    publisher: Mutex<Option<Publisher>>,
+    state: watch::Sender<Option<Publication>>,
+    next_reader: AtomicU64,
+    dropped_total: AtomicU64,
+    created: Instant,
+    /// Milliseconds after `created` of the last published frame.
+    last_frame_ms: AtomicU64,
+}
+
+/// A reader's end. Dropping it removes the reader from the hub.
+pub struct Subscription {
+    pub frames: mpsc::Receiver<HubFrame>,
+    /// The current publication, `None` when nobody publishes.
+    pub state: watch::Receiver<Option<Publication>>,
+    hub: Arc<Hub>,
+    id: u64,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut readers = self.hub.readers.lock().unwrap_or_else(|p| p.into_inner());
+        readers.retain(|r| r.id != self.id);
+    }
+}
+
+impl Hub {
+    pub fn new(name: &str) -> Arc<Self> {
+        Arc::new(Self {
+            name: name.to_owned(),
+            readers: Mutex::new(Vec::new()),
+            publisher: Mutex::new(None),
+            state: watch::channel(None).0,
+            next_reader: AtomicU64::new(1),
+            dropped_total: AtomicU64::new(0),
+            created: Instant::now(),
+            last_frame_ms: AtomicU64::new(0),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Adds a reader that receives frames of `codecs`, with a queue of
+    /// `capacity` frames.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        name: &'static str,
+        codecs: &'static [Codec],
+        capacity: usize,
+    ) -> Subscription {
+        let (tx, frames) = mpsc::channel(capacity);
+        let id = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        self.lock_readers().push(Reader {
+            id,
+            name,
+            codecs,
+            tx,
+            dropped: 0,
+            waiting_for_key: true,
+        });
+        Subscription {
+            frames,
+            state: self.state.subscribe(),
+            hub: self.clone(),
+            id,
+        }
+    }
+
+    /// A publisher starts. Replaces any previous one.
+    pub fn start(&self, publication: Publication, keyframe: KeyframeRequester) {
+        *self.lock_publisher() = Some(Publisher {
+            publication,
+            keyframe,
+            last_keyframe_request: None,
+        });
+        self.state.send_replace(Some(publication));
+        tracing::info!(stream = %self.name, publication = publication.id, video = publication.video, audio = publication.audio, "publisher started");
+    }
+
+    /// The publisher `id` left (ignored when another one has taken over).
+    pub fn stop(&self, id: u64) {
+        let mut publisher = self.lock_publisher();
+        if publisher.as_ref().is_some_and(|p| p.publication.id == id) {
+            *publisher = None;
+            self.state.send_replace(None);
+            tracing::info!(stream = %self.name, publication = id, "publisher stopped");
+        }
+    }
+
+    pub fn publication(&self) -> Option<Publication> {
+        *self.state.borrow()
+    }
+
+    /// Hands a frame to every reader that wants its codec. Never blocks.
+    pub fn publish(&self, publication: Publication, frame: Frame) {
+        let now_ms = self.created.elapsed().as_millis() as u64;
+        self.last_frame_ms.store(now_ms, Ordering::Relaxed);
+        let codec = frame.codec();
+        let video = codec.kind() == TrackKind::Video;
+        let mut want_keyframe = false;
+        let mut readers = self.lock_readers();
+        readers.retain_mut(|r| {
+            if !r.codecs.contains(&codec) {
+                return true;
+            }
+            if video && r.waiting_for_key {
+                if !frame.key {
+                    want_keyframe = true;
+                    if r.dropped > 0 {
+                        // Part of a GOP it already lost the start of.
+                        r.dropped += 1;
+                        self.dropped_total.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return true;
+                }
+                r.waiting_for_key = false;
+            }
+            let item = HubFrame {
+                publication,
+                frame: frame.clone(),
+            };
+            match r.tx.try_send(item) {
+                Ok(()) => {
+                    if r.dropped > 0 {
+                        tracing::warn!(stream = %self.name, reader = r.name, dropped = r.dropped, "reader is too slow, discarded frames");
+                        r.dropped = 0;
+                    }
+                    true
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    r.dropped += 1;
+                    self.dropped_total.fetch_add(1, Ordering::Relaxed);
+                    if video {
+                        // The rest of this GOP is useless to it.
+                        r.waiting_for_key = true;
+                    }
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+        drop(readers);
+        if want_keyframe {
+            self.request_keyframe();
+        }
+    }
+
+    /// Asks the publisher for a keyframe, at most every 500 ms.
+    pub fn request_keyframe(&self) {
+        let now = Instant::now();
+        let mut publisher = self.lock_publisher();
+        let Some(p) = publisher.as_mut() else { return };
+        if p.last_keyframe_request
+            .is_some_and(|t| now.duration_since(t) < KEYFRAME_REQUEST_INTERVAL)
+        {
+            return;
+        }
+        p.last_keyframe_request = Some(now);
+        (p.keyframe)();
+    }
+
+    /// Time since the last frame was published (since creation when none was).
+    pub fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_frame_ms.load(Ordering::Relaxed));
+        self.created.elapsed().saturating_sub(last)
+    }
+
+    /// Frames discarded because readers were too slow, since start.
+    pub fn dropped_frames(&self) -> u64 {
+        self.dropped_total.load(Ordering::Relaxed)
+    }
+
+    fn lock_readers(&self) -> std::sync::MutexGuard<'_, Vec<Reader>> {
+        self.readers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_publisher(&self) -> std::sync::MutexGuard<'_, Option<Publisher>> {
+        self.publisher.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::media::frame::CodecParams;
+    use bytes::Bytes;
+    use std::sync::atomic::AtomicUsize;
+
+    fn video(pts: i64, key: bool) -> Frame {
+        Frame {
+            pts,
+            dts: pts,
+            key,
+            data: Bytes::from_static(b"x"),
+            params: Arc::new(CodecParams::H264 {
+                sps: Bytes::new(),
+                pps: Bytes::new(),
+                width: 2,
+                height: 2,
+            }),
+        }
+    }
+
+    const P: Publication = Publication {
+        id: 1,
+        video: true,
+        audio: false,
+    };
+
+    #[tokio::test]
+    async fn slow_reader_drops_whole_gops_and_never_blocks() {
+        let hub = Hub::new("t");
+        let asked = Arc::new(AtomicUsize::new(0));
+        let a = asked.clone();
+        hub.start(
+            P,
+            Box::new(move || {
+                a.fetch_add(1, Ordering::Relaxed);
+            }),
+        );
+        let mut slow = hub.subscribe("slow", &[Codec::H264], 2);
+        let mut fast = hub.subscribe("fast", &[Codec::H264], 100);
+        // Delta frames before the first keyframe are skipped and ask for one.
+        hub.publish(P, video(0, false));
+        assert_eq!(asked.load(Ordering::Relaxed), 1);
+        for i in 0..10 {
+            hub.publish(P, video(i * 3000, i % 5 == 0));
+        }
+        assert_eq!(fast.frames.try_recv().unwrap().frame.pts, 0);
+        // The slow reader got the keyframe and one more, then lost the rest of
+        // that GOP, then resumed at the next keyframe only if room was left.
+        let got: Vec<_> = std::iter::from_fn(|| slow.frames.try_recv().ok())
+            .map(|f| f.frame.pts)
+            .collect();
+        assert_eq!(got, vec![0, 3000]);
+        assert!(hub.dropped_frames() >= 8);
+        hub.publish(P, video(30000, false));
+        assert!(slow.frames.try_recv().is_err(), "waits for a keyframe");
+        hub.publish(P, video(33000, true));
+        assert_eq!(slow.frames.try_recv().unwrap().frame.pts, 33000);
+    }
+
+    #[tokio::test]
+    async fn state_follows_publishers_and_readers_unsubscribe() {
+        let hub = Hub::new("t");
+        let sub = hub.subscribe("r", &[Codec::Aac], 4);
+        hub.start(P, Box::new(|| {}));
+        assert_eq!(*sub.state.borrow(), Some(P));
+        hub.stop(99);
+        assert_eq!(hub.publication(), Some(P), "a stale stop is ignored");
+        hub.stop(1);
+        assert_eq!(*sub.state.borrow(), None);
+        drop(sub);
+        assert!(hub.lock_readers().is_empty());
+    }
+}

@@ -1,0 +1,94 @@
+//! The unit that flows through a stream hub: one access unit (video) or one
+//! audio packet, with timestamps on the stream timeline.
+//!
+//! Every timestamp on the hub is in 90 kHz ticks ([`CLOCK_HZ`]) counted from
+//! the stream's first frame, whatever the track's own RTP clock is. 90 kHz is
+//! MPEG-TS's clock and divides 48 kHz audio frames exactly (960 samples of Opus
+//! = 1800 ticks, 1024 samples of AAC = 1920 ticks).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+/// Ticks per second of the stream timeline.
+pub const CLOCK_HZ: i64 = 90_000;
+
+/// Codecs that can travel through the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Codec {
+    H264,
+    Opus,
+    Aac,
+}
+
+impl Codec {
+    pub fn kind(self) -> TrackKind {
+        match self {
+            Codec::H264 => TrackKind::Video,
+            Codec::Opus | Codec::Aac => TrackKind::Audio,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TrackKind {
+    Video,
+    Audio,
+}
+
+/// Out-of-band codec configuration of a track. A new `Arc` is made whenever
+/// the publisher changes it (new SPS, new resolution), so outputs can compare
+/// with `Arc::ptr_eq` to notice a change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CodecParams {
+    H264 {
+        /// SPS NAL unit, without start code.
+        sps: Bytes,
+        /// PPS NAL unit, without start code.
+        pps: Bytes,
+        width: u32,
+        height: u32,
+    },
+    Opus {
+        sample_rate: u32,
+        channels: u8,
+    },
+    Aac {
+        /// MPEG-4 AudioSpecificConfig (2 bytes for AAC-LC).
+        asc: Bytes,
+        sample_rate: u32,
+        channels: u8,
+    },
+}
+
+impl CodecParams {
+    pub fn codec(&self) -> Codec {
+        match self {
+            CodecParams::H264 { .. } => Codec::H264,
+            CodecParams::Opus { .. } => Codec::Opus,
+            CodecParams::Aac { .. } => Codec::Aac,
+        }
+    }
+}
+
+/// One frame on the stream timeline.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    /// Presentation time, 90 kHz ticks from the start of the stream.
+    pub pts: i64,
+    /// Decode time, 90 kHz ticks; `dts <= pts`, monotonic per track.
+    pub dts: i64,
+    /// Video: an IDR access unit (a decoder can start here). Audio: always true.
+    pub key: bool,
+    /// H264: one Annex B access unit (start codes, SPS/PPS in front of IDRs).
+    /// AAC: one raw AAC frame (no ADTS header). Opus: one Opus packet.
+    pub data: Bytes,
+    /// Codec configuration in force for this frame.
+    pub params: Arc<CodecParams>,
+}
+
+impl Frame {
+    pub fn codec(&self) -> Codec {
+        self.params.codec()
+    }
+}

@@ -1,0 +1,1513 @@
+//! `whipgate publish`: a WHIP client (RFC 9725) that sends a media file in real time.
+//!
+//! The file is demuxed with FFmpeg on a blocking thread; H264 is rewritten to Annex B (SPS/PPS in
+//! front of every keyframe) and Opus packets go out as they are: nothing is decoded or re-encoded.
+//! Frames are paced by their timestamps and handed to a str0m `Rtc` (full ICE, controlling) that
+//! talks to the WHIP server over one UDP socket.
+//!
+//! Use from code (tests):
+//! ```ignore
+//! let opts = PublishOptions::new("samples/sample.mkv", "http://127.0.0.1:8080/whip/test");
+//! let stats = publish(opts, tokio::time::sleep(Duration::from_secs(3))).await?;
+//! ```
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::pin::pin;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use ffmpeg_next as ffmpeg;
+use str0m::change::{SdpAnswer, SdpPendingOffer};
+use str0m::format::{Codec, PayloadParams};
+use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid, Pt};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+use url::Url;
+
+/// Command line arguments of `whipgate publish`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PublishArgs {
+    /// Media file with H264 video and/or Opus audio (MKV, MP4, WebM, ...).
+    pub file: PathBuf,
+    /// WHIP endpoint URL, e.g. http://127.0.0.1:8080/whip/mystream
+    pub url: String,
+    /// Bearer token for the WHIP endpoint.
+    #[arg(long, env = "WHIP_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Start over at the end of the file (timestamps keep going forward).
+    #[arg(long = "loop")]
+    pub loop_: bool,
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECONDS")]
+    pub duration: Option<f64>,
+    /// Give up when ICE + DTLS are not connected after this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
+    pub connect_timeout: f64,
+}
+
+/// Everything [`publish`] needs.
+#[derive(Debug, Clone)]
+pub struct PublishOptions {
+    /// Media file with H264 video and/or Opus audio.
+    pub file: PathBuf,
+    /// WHIP endpoint URL.
+    pub url: String,
+    /// Bearer token (sent as `Authorization: Bearer ...`).
+    pub token: Option<String>,
+    /// Loop the file forever (until shutdown).
+    pub loop_: bool,
+    /// Time allowed from the POST answer until ICE + DTLS are up.
+    pub connect_timeout: Duration,
+    /// How often progress is logged.
+    pub progress_interval: Duration,
+}
+
+impl PublishOptions {
+    /// Options with defaults: no token, no loop, 10 s connect timeout, progress every 5 s.
+    pub fn new(file: impl Into<PathBuf>, url: impl Into<String>) -> Self {
+        Self {
+            file: file.into(),
+            url: url.into(),
+            token: None,
+            loop_: false,
+            connect_timeout: Duration::from_secs(10),
+            progress_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What a publish session did.
+#[derive(Debug, Clone, Default)]
+pub struct PublishStats {
+    /// The WHIP session URL (`Location`), once the server accepted the offer.
+    pub location: Option<Url>,
+    /// True once ICE and DTLS were up and media could flow.
+    pub connected: bool,
+    /// Video frames (access units) handed to the RTP packetizer.
+    pub video_frames: u64,
+    /// Of those, keyframes (each carrying SPS/PPS).
+    pub keyframes: u64,
+    /// Opus packets handed to the RTP packetizer.
+    pub audio_frames: u64,
+    /// Media payload bytes (Annex B video + Opus), without RTP/SRTP overhead.
+    pub bytes: u64,
+    /// PLI/FIR received from the server (logged, cannot be honoured without re-encoding).
+    pub keyframe_requests: u64,
+    /// How many times the file was restarted (`--loop`).
+    pub loops: u64,
+    /// True when the whole file (without loop) was sent.
+    pub finished: bool,
+    /// Time media was flowing (from connection to the end).
+    pub media_time: Duration,
+}
+
+/// CLI entry point: publish until end of file (or forever with `--loop`), Ctrl-C, SIGTERM, or
+/// `--duration`.
+pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
+    if !args.connect_timeout.is_finite() || args.connect_timeout <= 0.0 {
+        bail!("--connect-timeout must be a positive number of seconds");
+    }
+    let limit = match args.duration {
+        Some(d) if !d.is_finite() || d <= 0.0 => {
+            bail!("--duration must be a positive number of seconds")
+        }
+        Some(d) => Some(Duration::try_from_secs_f64(d).context("--duration is out of range")?),
+        None => None,
+    };
+    let opts = PublishOptions {
+        file: args.file,
+        url: args.url,
+        token: args.token,
+        loop_: args.loop_,
+        connect_timeout: Duration::try_from_secs_f64(args.connect_timeout)
+            .context("--connect-timeout is out of range")?,
+        progress_interval: Duration::from_secs(5),
+    };
+    let shutdown = async move {
+        let limit = async {
+            match limit {
+                Some(d) => {
+                    tokio::time::sleep(d).await;
+                    info!("duration limit of {d:?} reached");
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = termination_signal() => {},
+            _ = limit => {},
+        }
+    };
+    let stats = publish(opts, shutdown).await?;
+    info!(
+        video_frames = stats.video_frames,
+        audio_frames = stats.audio_frames,
+        bytes = stats.bytes,
+        loops = stats.loops,
+        keyframe_requests = stats.keyframe_requests,
+        "publish done after {:.1} s of media",
+        stats.media_time.as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or (on Unix) SIGTERM; never resolves if signals cannot be installed.
+async fn termination_signal() {
+    let ctrl_c = async {
+        match tokio::signal::ctrl_c().await {
+            Ok(()) => info!("Ctrl-C received, stopping"),
+            Err(e) => {
+                warn!("cannot listen for Ctrl-C: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+                info!("SIGTERM received, stopping");
+            }
+            Err(e) => {
+                warn!("cannot listen for SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// Publishes `opts.file` to the WHIP endpoint until end of file (unless looping) or until
+/// `shutdown` resolves, then DELETEs the WHIP session.
+///
+/// Returns an error for HTTP failures (with status and body), unreadable or unsupported files,
+/// and ICE/DTLS failures. Stopping through `shutdown` is a success.
+pub async fn publish(
+    opts: PublishOptions,
+    shutdown: impl Future,
+) -> anyhow::Result<PublishStats> {
+    let url = Url::parse(&opts.url).with_context(|| format!("invalid WHIP URL {:?}", opts.url))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        bail!("WHIP URL must be http:// or https://, got {url}");
+    }
+    let mut shutdown = pin!(shutdown);
+
+    // Open the file first: a bad file should fail before we talk to the server.
+    let file = opts.file.clone();
+    let demuxer = tokio::task::spawn_blocking(move || Demuxer::open(&file))
+        .await
+        .context("demuxer thread failed")??;
+    let info = demuxer.info();
+    info!(
+        file = %opts.file.display(),
+        video = info.video,
+        audio = info.audio,
+        "publishing to {url}"
+    );
+
+    let mut stats = PublishStats::default();
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(30))
+        .build()
+        .context("building HTTP client")?;
+
+    let socket = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
+        .await
+        .context("binding a UDP socket")?;
+    let port = socket.local_addr().context("UDP socket address")?.port();
+
+    let mut rtc = RtcConfig::new()
+        .set_crypto_provider(std::sync::Arc::new(str0m::crypto::from_feature_flags()))
+        .clear_codecs()
+        .enable_h264(true)
+        .enable_opus(true, false)
+        .build(Instant::now());
+
+    let mut locals = LocalAddrs::new(port);
+    for ip in resolve_host(&url).await? {
+        locals.route_to(ip);
+    }
+    for addr in locals.candidates() {
+        add_host_candidate(&mut rtc, addr);
+    }
+
+    let mut api = rtc.sdp_api();
+    let video_mid = info
+        .video
+        .then(|| api.add_media(MediaKind::Video, Direction::SendOnly, None, None, None));
+    let audio_mid = info
+        .audio
+        .then(|| api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None));
+    let (offer, pending) = api
+        .apply()
+        .ok_or_else(|| anyhow!("str0m produced no SDP offer"))?;
+    let offer = offer.to_sdp_string();
+    debug!("SDP offer:\n{offer}");
+
+    let session = tokio::select! {
+        r = post_offer(&http, &url, opts.token.as_deref(), offer) => r?,
+        _ = &mut shutdown => {
+            info!("stopped before the WHIP server answered");
+            return Ok(stats);
+        }
+    };
+    info!(location = %session.location, "WHIP session created");
+    stats.location = Some(session.location.clone());
+
+    let result = async {
+        accept_answer(&mut rtc, pending, &session.answer)?;
+        for ip in remote_candidate_ips(&session.answer) {
+            if let Some(addr) = locals.route_to(ip) {
+                add_host_candidate(&mut rtc, addr);
+            }
+        }
+        let video = video_mid.map(|mid| Track::new(&mut rtc, mid, Codec::H264, info.h264_profile));
+        let audio = audio_mid.map(|mid| Track::new(&mut rtc, mid, Codec::Opus, None));
+        if video.as_ref().is_none_or(|t| t.pt.is_none())
+            && audio.as_ref().is_none_or(|t| t.pt.is_none())
+        {
+            bail!("the WHIP server accepted neither H264 video nor Opus audio");
+        }
+        let driver = Driver {
+            rtc,
+            socket,
+            locals,
+            video,
+            audio,
+            opts: &opts,
+            stats: &mut stats,
+        };
+        driver.run(demuxer, shutdown.as_mut()).await
+    }
+    .await;
+
+    delete_session(&http, &session.location, opts.token.as_deref()).await;
+    result.map(|()| stats)
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP (WHIP signalling)
+
+struct WhipSession {
+    location: Url,
+    answer: String,
+}
+
+const MAX_ERROR_BODY: usize = 2000;
+
+async fn post_offer(
+    http: &reqwest::Client,
+    url: &Url,
+    token: Option<&str>,
+    offer: String,
+) -> anyhow::Result<WhipSession> {
+    let mut req = http
+        .post(url.clone())
+        .header(reqwest::header::CONTENT_TYPE, "application/sdp")
+        .header(reqwest::header::ACCEPT, "application/sdp")
+        .body(offer);
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    let resp = req
+        .send()
+        .await
+        .with_context(|| format!("POST {url} failed"))?;
+    let status = resp.status();
+    // Relative Locations resolve against the URL that answered (after any 307).
+    let base = resp.url().clone();
+    let location = resp
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .map(|v| v.to_str().map(str::to_owned));
+    let content_type = resp
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let body = resp
+        .text()
+        .await
+        .with_context(|| format!("reading the answer to POST {url}"))?;
+    if status != reqwest::StatusCode::CREATED {
+        bail!(
+            "WHIP server refused the offer: POST {url} returned {status}{}",
+            error_body(&body)
+        );
+    }
+    let location = match location {
+        Some(Ok(l)) => base
+            .join(&l)
+            .with_context(|| format!("bad Location header {l:?}"))?,
+        Some(Err(_)) => bail!("WHIP server sent a Location header that is not text"),
+        None => bail!("WHIP server answered 201 without a Location header"),
+    };
+    if !content_type
+        .as_deref()
+        .is_some_and(|c| c.to_ascii_lowercase().starts_with("application/sdp"))
+    {
+        warn!("WHIP answer has Content-Type {content_type:?}, expected application/sdp");
+    }
+    debug!("SDP answer:\n{body}");
+    Ok(WhipSession {
+        location,
+        answer: body,
+    })
+}
+
+fn error_body(body: &str) -> String {
+    let body = body.trim();
+    if body.is_empty() {
+        return String::new();
+    }
+    let mut end = body.len().min(MAX_ERROR_BODY);
+    while !body.is_char_boundary(end) {
+        end -= 1;
+    }
+    let more = if end < body.len() { " ..." } else { "" };
+    format!(": {}{more}", &body[..end])
+}
+
+async fn delete_session(http: &reqwest::Client, location: &Url, token: Option<&str>) {
+    let mut req = http.delete(location.clone()).timeout(Duration::from_secs(5));
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    match req.send().await {
+        Ok(resp) if resp.status().is_success() => info!("WHIP session deleted"),
+        Ok(resp) => {
+            let status = resp.status();
+            let body = resp.text().await.unwrap_or_default();
+            warn!(
+                "DELETE {location} returned {status}{}",
+                error_body(&body)
+            );
+        }
+        Err(e) => warn!("DELETE {location} failed: {e}"),
+    }
+}
+
+fn accept_answer(rtc: &mut Rtc, pending: SdpPendingOffer, answer: &str) -> anyhow::Result<()> {
+    let answer = SdpAnswer::from_sdp_string(answer)
+        .map_err(|e| anyhow!("WHIP server sent an SDP answer we cannot parse: {e}"))?;
+    rtc.sdp_api()
+        .accept_answer(pending, answer)
+        .map_err(|e| anyhow!("cannot use the WHIP server's SDP answer: {e}"))
+}
+
+/// The IP addresses of the UDP candidates in an SDP (mDNS names and TCP are skipped).
+fn remote_candidate_ips(sdp: &str) -> Vec<IpAddr> {
+    let mut ips = Vec::new();
+    for line in sdp.lines() {
+        let Some(rest) = line.trim().strip_prefix("a=candidate:") else {
+            continue;
+        };
+        // foundation component transport priority address port typ type ...
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let (Some(transport), Some(addr)) = (fields.get(2), fields.get(4)) else {
+            continue;
+        };
+        if !transport.eq_ignore_ascii_case("udp") {
+            continue;
+        }
+        if let Ok(ip) = addr.parse::<IpAddr>() {
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+    }
+    ips
+}
+
+async fn resolve_host(url: &Url) -> anyhow::Result<Vec<IpAddr>> {
+    let port = url.port_or_known_default().unwrap_or(80);
+    let ips = match url.host() {
+        Some(url::Host::Ipv4(ip)) => vec![IpAddr::V4(ip)],
+        Some(url::Host::Ipv6(ip)) => vec![IpAddr::V6(ip)],
+        Some(url::Host::Domain(name)) => tokio::net::lookup_host((name, port))
+            .await
+            .with_context(|| format!("cannot resolve {name}"))?
+            .map(|a| a.ip())
+            .collect(),
+        None => bail!("WHIP URL {url} has no host"),
+    };
+    Ok(ips)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Local addresses: one socket on 0.0.0.0, one host candidate per local IPv4 address we route from
+
+/// The local addresses our single `0.0.0.0:port` socket is reachable at, learnt from the
+/// kernel's routing decision towards each remote address.
+struct LocalAddrs {
+    port: u16,
+    by_remote: HashMap<IpAddr, Option<SocketAddr>>,
+    candidates: Vec<SocketAddr>,
+}
+
+impl LocalAddrs {
+    fn new(port: u16) -> Self {
+        Self {
+            port,
+            by_remote: HashMap::new(),
+            candidates: Vec::new(),
+        }
+    }
+
+    /// The local address used to reach `remote`; a new one is returned only the first time it
+    /// is seen (so the caller adds it as a candidate once).
+    fn route_to(&mut self, remote: IpAddr) -> Option<SocketAddr> {
+        let local = *self
+            .by_remote
+            .entry(remote)
+            .or_insert_with(|| route_local_ip(remote).map(|ip| SocketAddr::new(ip, self.port)));
+        let local = local?;
+        if self.candidates.contains(&local) {
+            None
+        } else {
+            self.candidates.push(local);
+            Some(local)
+        }
+    }
+
+    fn candidates(&self) -> Vec<SocketAddr> {
+        self.candidates.clone()
+    }
+
+    /// Our address as seen by a datagram from `source` (the socket is bound to 0.0.0.0).
+    fn destination_for(&mut self, source: SocketAddr) -> SocketAddr {
+        let ip = source.ip();
+        if let Some(Some(local)) = self.by_remote.get(&ip) {
+            return *local;
+        }
+        let local = route_local_ip(ip).map(|l| SocketAddr::new(l, self.port));
+        self.by_remote.insert(ip, local);
+        local
+            .or_else(|| self.candidates.first().copied())
+            .unwrap_or_else(|| SocketAddr::from((Ipv4Addr::LOCALHOST, self.port)))
+    }
+}
+
+/// The IPv4 address the OS would send from to reach `remote` (no packet is sent).
+fn route_local_ip(remote: IpAddr) -> Option<IpAddr> {
+    let IpAddr::V4(v4) = remote else {
+        debug!("skipping IPv6 address {remote}: publish uses IPv4 only");
+        return None;
+    };
+    if v4.is_loopback() {
+        return Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    }
+    let probe = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+    probe.connect((v4, 9)).ok()?;
+    let ip = probe.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
+}
+
+fn add_host_candidate(rtc: &mut Rtc, addr: SocketAddr) {
+    match Candidate::host(addr, "udp") {
+        Ok(c) => {
+            debug!("local host candidate {addr}");
+            rtc.add_local_candidate(c);
+        }
+        Err(e) => debug!("skipping local address {addr}: {e}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The str0m driver
+
+struct Track {
+    mid: Mid,
+    pt: Option<Pt>,
+    clock: Frequency,
+}
+
+impl Track {
+    fn new(rtc: &mut Rtc, mid: Mid, codec: Codec, h264_profile: Option<u32>) -> Self {
+        let pt = rtc
+            .writer(mid)
+            .and_then(|w| choose_pt(w.payload_params(), codec, h264_profile));
+        match pt {
+            Some(pt) => debug!(%mid, ?pt, "sending {codec}"),
+            None => warn!(%mid, "the WHIP server did not accept {codec}; not sending it"),
+        }
+        let clock = if codec == Codec::Opus {
+            Frequency::FORTY_EIGHT_KHZ
+        } else {
+            Frequency::NINETY_KHZ
+        };
+        Self { mid, pt, clock }
+    }
+}
+
+/// Picks the payload type for `codec`; for H264 prefers packetization-mode 1 and the file's
+/// profile.
+fn choose_pt<'a>(
+    params: impl Iterator<Item = &'a PayloadParams>,
+    codec: Codec,
+    h264_profile: Option<u32>,
+) -> Option<Pt> {
+    params
+        .filter(|p| p.spec().codec == codec)
+        .enumerate()
+        .max_by_key(|(i, p)| {
+            let f = p.spec().format;
+            let mut score = 0;
+            if codec == Codec::H264 {
+                if f.packetization_mode == Some(1) {
+                    score += 4;
+                }
+                if let (Some(want), Some(have)) = (h264_profile, f.profile_level_id) {
+                    if want >> 16 == have >> 16 {
+                        score += 2;
+                        // Constrained baseline (constraint_set1) matches 42e0xx best.
+                        if (want >> 8) & 0x40 == (have >> 8) & 0x40 {
+                            score += 1;
+                        }
+                    }
+                }
+            }
+            // Earlier entries win ties (max_by_key keeps the last maximum).
+            (score, std::cmp::Reverse(*i))
+        })
+        .map(|(_, p)| p.pt())
+}
+
+struct Driver<'a> {
+    rtc: Rtc,
+    socket: UdpSocket,
+    locals: LocalAddrs,
+    video: Option<Track>,
+    audio: Option<Track>,
+    opts: &'a PublishOptions,
+    stats: &'a mut PublishStats,
+}
+
+const FRAME_QUEUE: usize = 64;
+/// How long a lost ICE connection may take to come back.
+const DISCONNECT_GRACE: Duration = Duration::from_secs(5);
+
+impl Driver<'_> {
+    async fn run(
+        mut self,
+        demuxer: Demuxer,
+        mut shutdown: std::pin::Pin<&mut impl Future>,
+    ) -> anyhow::Result<()> {
+        let (tx, mut rx) = mpsc::channel::<MediaFrame>(FRAME_QUEUE);
+        let (loops_tx, loops_rx) = oneshot::channel();
+        let loop_ = self.opts.loop_;
+        let demux_task = tokio::task::spawn_blocking(move || {
+            let mut demuxer = demuxer;
+            let r = demuxer.pump(&tx, loop_);
+            let _ = loops_tx.send(demuxer.loops());
+            r
+        });
+
+        let result = self.event_loop(&mut rx, shutdown.as_mut()).await;
+        // Stop the demuxer (its next send fails) and collect its outcome.
+        drop(rx);
+        let demux_result = demux_task.await;
+        if let Ok(loops) = loops_rx.await {
+            self.stats.loops = loops;
+        }
+        self.rtc.disconnect();
+        result?;
+        match demux_result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.context("reading the media file")),
+            Err(e) => Err(anyhow!("demuxer thread failed: {e}")),
+        }
+    }
+
+    async fn event_loop(
+        &mut self,
+        rx: &mut mpsc::Receiver<MediaFrame>,
+        mut shutdown: std::pin::Pin<&mut impl Future>,
+    ) -> anyhow::Result<()> {
+        let mut buf = vec![0u8; 2048];
+        let connect_deadline = tokio::time::Instant::now() + self.opts.connect_timeout;
+        let mut media_start: Option<Instant> = None;
+        let mut pending: Option<MediaFrame> = None;
+        let mut disconnected_since: Option<tokio::time::Instant> = None;
+        let mut next_progress = tokio::time::Instant::now() + self.opts.progress_interval;
+        let mut eof = false;
+
+        loop {
+            let timeout = self.drain(&mut disconnected_since, &mut media_start).await?;
+            if !self.rtc.is_alive() {
+                bail!("the WebRTC connection was closed");
+            }
+            if eof && pending.is_none() {
+                self.stats.finished = true;
+                info!("end of file reached");
+                break;
+            }
+            let connected = media_start.is_some();
+            let due = match (&pending, media_start) {
+                (Some(f), Some(start)) => start + f.send_at,
+                _ => Instant::now() + Duration::from_secs(3600),
+            };
+
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => {
+                    info!("stopping");
+                    break;
+                }
+                _ = tokio::time::sleep_until(connect_deadline), if !connected => {
+                    bail!(
+                        "no ICE/DTLS connection to the WHIP server after {:?}",
+                        self.opts.connect_timeout
+                    );
+                }
+                _ = sleep_until_opt(disconnected_since.map(|t| t + DISCONNECT_GRACE)),
+                    if disconnected_since.is_some() =>
+                {
+                    bail!("ICE connection to the WHIP server failed (no working candidate pair)");
+                }
+                r = self.socket.recv_from(&mut buf) => match r {
+                    Ok((n, source)) => self.receive(&buf[..n], source)?,
+                    Err(e) => debug!("UDP receive error: {e}"),
+                },
+                _ = tokio::time::sleep_until(timeout.into()) => {
+                    self.rtc
+                        .handle_input(Input::Timeout(Instant::now()))
+                        .map_err(|e| anyhow!("WebRTC error: {e}"))?;
+                }
+                _ = tokio::time::sleep_until(due.into()), if pending.is_some() && connected => {
+                    if let (Some(frame), Some(start)) = (pending.take(), media_start) {
+                        self.write(frame, start)?;
+                    }
+                }
+                f = rx.recv(), if pending.is_none() && connected && !eof => match f {
+                    Some(frame) => pending = Some(frame),
+                    None => eof = true,
+                },
+                _ = tokio::time::sleep_until(next_progress), if connected => {
+                    next_progress += self.opts.progress_interval;
+                    self.log_progress(media_start);
+                }
+            }
+        }
+        if let Some(start) = media_start {
+            self.stats.media_time = start.elapsed();
+        }
+        // Push out what the last write produced.
+        let _ = self.drain(&mut disconnected_since, &mut media_start).await;
+        Ok(())
+    }
+
+    /// Drains str0m's output: sends datagrams, handles events. Returns the next timeout.
+    async fn drain(
+        &mut self,
+        disconnected_since: &mut Option<tokio::time::Instant>,
+        media_start: &mut Option<Instant>,
+    ) -> anyhow::Result<Instant> {
+        loop {
+            match self
+                .rtc
+                .poll_output()
+                .map_err(|e| anyhow!("WebRTC error: {e}"))?
+            {
+                Output::Timeout(t) => return Ok(t),
+                Output::Transmit(t) => {
+                    if let Err(e) = self.socket.send_to(&t.contents, t.destination).await {
+                        debug!("UDP send to {} failed: {e}", t.destination);
+                    }
+                }
+                Output::Event(e) => match e {
+                    Event::Connected => {
+                        if media_start.is_none() {
+                            info!("connected (ICE + DTLS), sending media");
+                            *media_start = Some(Instant::now());
+                            self.stats.connected = true;
+                        }
+                    }
+                    Event::IceConnectionStateChange(state) => {
+                        debug!("ICE state {state:?}");
+                        if state == IceConnectionState::Disconnected {
+                            if disconnected_since.is_none() {
+                                warn!("ICE disconnected");
+                                *disconnected_since = Some(tokio::time::Instant::now());
+                            }
+                        } else {
+                            if disconnected_since.is_some() && media_start.is_some() {
+                                info!("ICE {state:?} again");
+                            }
+                            *disconnected_since = None;
+                        }
+                    }
+                    Event::KeyframeRequest(req) => {
+                        self.stats.keyframe_requests += 1;
+                        info!(
+                            mid = %req.mid,
+                            kind = ?req.kind,
+                            "server asked for a keyframe; the next one comes from the file \
+                             (publish does not re-encode)"
+                        );
+                    }
+                    other => debug!("event {other:?}"),
+                },
+            }
+        }
+    }
+
+    fn receive(&mut self, data: &[u8], source: SocketAddr) -> anyhow::Result<()> {
+        let contents = match data.try_into() {
+            Ok(c) => c,
+            Err(e) => {
+                debug!("ignoring {} bytes from {source}: {e:?}", data.len());
+                return Ok(());
+            }
+        };
+        let input = Input::Receive(
+            Instant::now(),
+            Receive {
+                proto: Protocol::Udp,
+                source,
+                destination: self.locals.destination_for(source),
+                contents,
+            },
+        );
+        if !self.rtc.accepts(&input) {
+            debug!("ignoring datagram from {source}");
+            return Ok(());
+        }
+        self.rtc
+            .handle_input(input)
+            .map_err(|e| anyhow!("WebRTC error: {e}"))
+    }
+
+    fn write(&mut self, frame: MediaFrame, start: Instant) -> anyhow::Result<()> {
+        let track = match frame.kind {
+            FrameKind::Video => self.video.as_ref(),
+            FrameKind::Audio => self.audio.as_ref(),
+        };
+        let Some((mid, pt, clock)) = track.and_then(|t| Some((t.mid, t.pt?, t.clock))) else {
+            return Ok(());
+        };
+        let ticks = rescale(frame.pts_us, clock.get());
+        let len = frame.data.len() as u64;
+        let Some(writer) = self.rtc.writer(mid) else {
+            return Ok(());
+        };
+        writer
+            .write(
+                pt,
+                start + frame.send_at,
+                MediaTime::new(ticks, clock),
+                frame.data,
+            )
+            .map_err(|e| anyhow!("writing {:?} frame: {e}", frame.kind))?;
+        self.stats.bytes += len;
+        match frame.kind {
+            FrameKind::Video => {
+                self.stats.video_frames += 1;
+                if frame.key {
+                    self.stats.keyframes += 1;
+                }
+            }
+            FrameKind::Audio => self.stats.audio_frames += 1,
+        }
+        Ok(())
+    }
+
+    fn log_progress(&self, media_start: Option<Instant>) {
+        let secs = media_start.map_or(0.0, |s| s.elapsed().as_secs_f64());
+        let kbps = if secs > 0.0 {
+            self.stats.bytes as f64 * 8.0 / secs / 1000.0
+        } else {
+            0.0
+        };
+        info!(
+            video_frames = self.stats.video_frames,
+            keyframes = self.stats.keyframes,
+            audio_frames = self.stats.audio_frames,
+            bytes = self.stats.bytes,
+            "{secs:.0} s sent, {kbps:.0} kbit/s"
+        );
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Microseconds to ticks of a `clock` Hz clock, rounded to nearest.
+fn rescale(us: u64, clock: u32) -> u64 {
+    let ticks = (u128::from(us) * u128::from(clock) + 500_000) / 1_000_000;
+    u64::try_from(ticks).unwrap_or(u64::MAX)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Demuxing (blocking; runs on its own thread)
+
+/// Which elementary stream a frame belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    Video,
+    Audio,
+}
+
+/// One access unit ready for the RTP packetizer.
+#[derive(Debug, Clone)]
+pub struct MediaFrame {
+    pub kind: FrameKind,
+    /// Keyframe (video only); such frames start with SPS and PPS.
+    pub key: bool,
+    /// When to send it, relative to the first frame (decode order, looping included).
+    pub send_at: Duration,
+    /// Presentation time in microseconds on the same timeline (used for the RTP timestamp).
+    pub pts_us: u64,
+    /// Annex B H264 access unit, or one Opus packet.
+    pub data: Vec<u8>,
+}
+
+/// What the file offers.
+#[derive(Debug, Clone, Copy)]
+pub struct MediaInfo {
+    pub video: bool,
+    pub audio: bool,
+    /// `profile_idc << 16 | constraint flags << 8 | level_idc` from the first SPS.
+    pub h264_profile: Option<u32>,
+}
+
+struct StreamSel {
+    index: usize,
+    kind: FrameKind,
+    time_base: (i64, i64),
+    /// Packet duration to assume when the container gives none, in µs.
+    default_duration_us: i64,
+}
+
+/// Reads H264 and Opus packets from a file and turns them into [`MediaFrame`]s.
+pub struct Demuxer {
+    path: PathBuf,
+    input: ffmpeg::format::context::Input,
+    streams: Vec<StreamSel>,
+    h264: Option<H264ToAnnexB>,
+    info: MediaInfo,
+    /// First packet's time of the current pass, in µs of the file's timeline.
+    origin_us: Option<i64>,
+    /// Offset of the current pass on the output timeline (µs).
+    pass_offset_us: i64,
+    /// End of the latest frame on the output timeline (µs).
+    end_us: i64,
+    loops: u64,
+}
+
+impl Demuxer {
+    /// Opens `path` and picks the best H264 video stream and the best Opus audio stream.
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let (input, streams, h264, info) = open_input(path)?;
+        Ok(Self {
+            path: path.to_owned(),
+            input,
+            streams,
+            h264,
+            info,
+            origin_us: None,
+            pass_offset_us: 0,
+            end_us: 0,
+            loops: 0,
+        })
+    }
+
+    pub fn info(&self) -> MediaInfo {
+        self.info
+    }
+
+    /// How many times the file was restarted.
+    pub fn loops(&self) -> u64 {
+        self.loops
+    }
+
+    /// Restarts from the beginning; timestamps continue after the last frame.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        let (input, streams, h264, _) = open_input(&self.path)?;
+        self.input = input;
+        self.streams = streams;
+        if let (Some(old), Some(new)) = (self.h264.as_mut(), h264) {
+            // Keep the parameter sets learnt so far only if the new pass brings none.
+            if !new.params.sps.is_empty() {
+                *old = new;
+            }
+        }
+        self.origin_us = None;
+        self.pass_offset_us = self.end_us;
+        self.loops += 1;
+        Ok(())
+    }
+
+    /// The next frame in file order, `None` at the end of the file.
+    pub fn next_frame(&mut self) -> anyhow::Result<Option<MediaFrame>> {
+        loop {
+            let mut packet = ffmpeg::Packet::empty();
+            match packet.read(&mut self.input) {
+                Ok(()) => {}
+                Err(ffmpeg::Error::Eof) => return Ok(None),
+                Err(e) => return Err(anyhow!("reading {}: {e}", self.path.display())),
+            }
+            let Some(sel) = self.streams.iter().find(|s| s.index == packet.stream()) else {
+                continue;
+            };
+            let Some(data) = packet.data().filter(|d| !d.is_empty()) else {
+                continue;
+            };
+            let Some(pts) = packet.pts().or(packet.dts()) else {
+                debug!("skipping a packet without timestamps");
+                continue;
+            };
+            let dts = packet.dts().unwrap_or(pts);
+            let to_us = |v: i64| rescale_signed(v, sel.time_base);
+            let (pts_us, dts_us) = (to_us(pts), to_us(dts));
+            let origin = *self.origin_us.get_or_insert(dts_us.min(pts_us));
+            let duration_us = match to_us(packet.duration()) {
+                d if d > 0 => d,
+                _ => sel.default_duration_us,
+            };
+
+            let kind = sel.kind;
+            let (key, data) = match kind {
+                FrameKind::Video => {
+                    let Some(conv) = self.h264.as_mut() else {
+                        continue;
+                    };
+                    match conv.convert(data, packet.is_key()) {
+                        Ok(au) => au,
+                        Err(e) => {
+                            warn!("skipping a bad H264 packet: {e}");
+                            continue;
+                        }
+                    }
+                }
+                FrameKind::Audio => (false, data.to_vec()),
+            };
+            if data.is_empty() {
+                continue;
+            }
+            let pass = self.pass_offset_us;
+            let pts_out = (pts_us - origin).max(0).saturating_add(pass);
+            let send_out = (dts_us - origin).max(0).saturating_add(pass);
+            self.end_us = self.end_us.max(pts_out.saturating_add(duration_us));
+            return Ok(Some(MediaFrame {
+                kind,
+                key,
+                send_at: Duration::from_micros(send_out.max(0).unsigned_abs()),
+                pts_us: pts_out.max(0).unsigned_abs(),
+                data,
+            }));
+        }
+    }
+
+    /// Sends every frame into `tx` (blocking), looping when asked. Returns when the file ends
+    /// (without loop) or the receiver is gone.
+    pub fn pump(&mut self, tx: &mpsc::Sender<MediaFrame>, loop_: bool) -> anyhow::Result<()> {
+        let mut sent_this_pass = 0u64;
+        loop {
+            match self.next_frame()? {
+                Some(frame) => {
+                    sent_this_pass += 1;
+                    if tx.blocking_send(frame).is_err() {
+                        return Ok(());
+                    }
+                }
+                None if loop_ && sent_this_pass > 0 => {
+                    info!("end of file, starting over (pass {})", self.loops + 2);
+                    self.restart()?;
+                    sent_this_pass = 0;
+                }
+                None => return Ok(()),
+            }
+        }
+    }
+}
+
+type Opened = (
+    ffmpeg::format::context::Input,
+    Vec<StreamSel>,
+    Option<H264ToAnnexB>,
+    MediaInfo,
+);
+
+fn open_input(path: &Path) -> anyhow::Result<Opened> {
+    // ffmpeg-next panics on paths that are not UTF-8 or contain NUL; check first.
+    match path.to_str() {
+        Some(s) if !s.contains('\0') => {}
+        _ => bail!("file name {} is not valid UTF-8", path.display()),
+    }
+    if !path.is_file() {
+        bail!("{} is not a readable file", path.display());
+    }
+    ffmpeg::init().map_err(|e| anyhow!("initialising FFmpeg: {e}"))?;
+    let input = ffmpeg::format::input(path)
+        .map_err(|e| anyhow!("cannot open {}: {e}", path.display()))?;
+
+    let mut streams = Vec::new();
+    let mut h264 = None;
+    let mut info = MediaInfo {
+        video: false,
+        audio: false,
+        h264_profile: None,
+    };
+    for stream in input.streams() {
+        let params = stream.parameters();
+        let tb = stream.time_base();
+        let time_base = (
+            i64::from(tb.numerator()),
+            i64::from(tb.denominator()).max(1),
+        );
+        match (params.medium(), params.id()) {
+            (ffmpeg::media::Type::Video, ffmpeg::codec::Id::H264) if !info.video => {
+                let conv = H264ToAnnexB::new(extradata(&params))
+                    .with_context(|| format!("H264 stream #{}", stream.index()))?;
+                info.h264_profile = conv.profile();
+                h264 = Some(conv);
+                info.video = true;
+                let rate = stream.avg_frame_rate();
+                let default_duration_us = if rate.numerator() > 0 && rate.denominator() > 0 {
+                    1_000_000 * i64::from(rate.denominator()) / i64::from(rate.numerator())
+                } else {
+                    33_333
+                };
+                streams.push(StreamSel {
+                    index: stream.index(),
+                    kind: FrameKind::Video,
+                    time_base,
+                    default_duration_us,
+                });
+            }
+            (ffmpeg::media::Type::Audio, ffmpeg::codec::Id::OPUS) if !info.audio => {
+                info.audio = true;
+                streams.push(StreamSel {
+                    index: stream.index(),
+                    kind: FrameKind::Audio,
+                    time_base,
+                    default_duration_us: 20_000,
+                });
+            }
+            (ffmpeg::media::Type::Video | ffmpeg::media::Type::Audio, id) => {
+                warn!(
+                    "ignoring {:?} stream #{} ({id:?}): publish sends one H264 and one Opus \
+                     stream without re-encoding",
+                    params.medium(),
+                    stream.index()
+                );
+            }
+            _ => {}
+        }
+    }
+    if streams.is_empty() {
+        bail!(
+            "{} has neither H264 video nor Opus audio (publish does not re-encode)",
+            path.display()
+        );
+    }
+    Ok((input, streams, h264, info))
+}
+
+fn extradata(params: &ffmpeg::codec::Parameters) -> Vec<u8> {
+    // SAFETY: `params` wraps a valid AVCodecParameters for as long as it lives; FFmpeg keeps
+    // `extradata` either null or pointing at `extradata_size` readable bytes.
+    unsafe {
+        let p = params.as_ptr();
+        if p.is_null() || (*p).extradata.is_null() || (*p).extradata_size <= 0 {
+            return Vec::new();
+        }
+        let len = usize::try_from((*p).extradata_size).unwrap_or(0);
+        std::slice::from_raw_parts((*p).extradata, len).to_vec()
+    }
+}
+
+fn rescale_signed(v: i64, (num, den): (i64, i64)) -> i64 {
+    let r = i128::from(v) * i128::from(num) * 1_000_000 / i128::from(den.max(1));
+    i64::try_from(r).unwrap_or(if r < 0 { i64::MIN } else { i64::MAX })
+}
+
+// ---------------------------------------------------------------------------------------------
+// H264: AVCC (length-prefixed, avcC extradata) or Annex B in, Annex B with SPS/PPS on keyframes out
+
+const START_CODE: [u8; 4] = [0, 0, 0, 1];
+const NAL_IDR: u8 = 5;
+const NAL_SPS: u8 = 7;
+const NAL_PPS: u8 = 8;
+const NAL_AUD: u8 = 9;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct ParamSets {
+    sps: Vec<Vec<u8>>,
+    pps: Vec<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// Each NAL unit prefixed by its big-endian length of this many bytes.
+    Avcc(usize),
+    AnnexB,
+}
+
+/// Rewrites H264 packets to Annex B and puts SPS/PPS in front of keyframes.
+#[derive(Debug, Clone)]
+struct H264ToAnnexB {
+    layout: Layout,
+    params: ParamSets,
+}
+
+impl H264ToAnnexB {
+    /// From the stream's extradata: an avcC record (MP4/MKV), Annex B parameter sets, or
+    /// nothing (then packets must be Annex B with in-band SPS/PPS).
+    fn new(extradata: Vec<u8>) -> anyhow::Result<Self> {
+        if extradata.first() == Some(&1) {
+            let (len_size, params) = parse_avcc(&extradata)?;
+            return Ok(Self {
+                layout: Layout::Avcc(len_size),
+                params,
+            });
+        }
+        let mut params = ParamSets::default();
+        for nal in annexb_nal_units(&extradata) {
+            match nal_type(nal) {
+                NAL_SPS => params.sps.push(nal.to_vec()),
+                NAL_PPS => params.pps.push(nal.to_vec()),
+                _ => {}
+            }
+        }
+        Ok(Self {
+            layout: Layout::AnnexB,
+            params,
+        })
+    }
+
+    fn profile(&self) -> Option<u32> {
+        let sps = self.params.sps.first()?;
+        let b = sps.get(1..4)?;
+        Some(u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]))
+    }
+
+    /// One packet (access unit) to Annex B. Returns (is keyframe, data).
+    fn convert(&mut self, data: &[u8], key_flag: bool) -> anyhow::Result<(bool, Vec<u8>)> {
+        let nals = match self.layout {
+            Layout::Avcc(n) => avcc_nal_units(data, n)?,
+            Layout::AnnexB => annexb_nal_units(data),
+        };
+        let mut inband = ParamSets::default();
+        let mut idr = false;
+        for nal in &nals {
+            match nal_type(nal) {
+                NAL_SPS => inband.sps.push(nal.to_vec()),
+                NAL_PPS => inband.pps.push(nal.to_vec()),
+                NAL_IDR => idr = true,
+                _ => {}
+            }
+        }
+        let has_inband = !inband.sps.is_empty() && !inband.pps.is_empty();
+        if has_inband {
+            self.params = inband;
+        }
+        let key = key_flag || idr;
+
+        let size: usize = nals.iter().map(|n| n.len() + 4).sum();
+        let mut out = Vec::with_capacity(size + 64);
+        if key && !has_inband {
+            for nal in self.params.sps.iter().chain(&self.params.pps) {
+                out.extend_from_slice(&START_CODE);
+                out.extend_from_slice(nal);
+            }
+        }
+        for nal in nals {
+            if nal_type(nal) == NAL_AUD {
+                continue;
+            }
+            out.extend_from_slice(&START_CODE);
+            out.extend_from_slice(nal);
+        }
+        Ok((key, out))
+    }
+}
+
+fn nal_type(nal: &[u8]) -> u8 {
+    nal.first().map_or(0, |b| b & 0x1f)
+}
+
+/// Parses an AVCDecoderConfigurationRecord (ISO/IEC 14496-15 5.3.3.1).
+fn parse_avcc(data: &[u8]) -> anyhow::Result<(usize, ParamSets)> {
+    let mut r = Reader(data);
+    let version = r.u8()?;
+    if version != 1 {
+        bail!("avcC version {version} is not 1");
+    }
+    r.take(3)?; // profile, compatibility, level
+    let len_size = usize::from(r.u8()? & 0x03) + 1;
+    if len_size == 3 {
+        bail!("avcC NAL length size 3 is invalid");
+    }
+    let mut params = ParamSets::default();
+    let num_sps = r.u8()? & 0x1f;
+    for _ in 0..num_sps {
+        let len = usize::from(r.u16()?);
+        params.sps.push(r.take(len)?.to_vec());
+    }
+    let num_pps = r.u8()?;
+    for _ in 0..num_pps {
+        let len = usize::from(r.u16()?);
+        params.pps.push(r.take(len)?.to_vec());
+    }
+    if params.sps.is_empty() || params.pps.is_empty() {
+        bail!("avcC has no SPS or no PPS");
+    }
+    Ok((len_size, params))
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> anyhow::Result<&'a [u8]> {
+        if self.0.len() < n {
+            bail!("truncated H264 data");
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> anyhow::Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> anyhow::Result<u16> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+}
+
+/// Splits length-prefixed NAL units.
+fn avcc_nal_units(data: &[u8], len_size: usize) -> anyhow::Result<Vec<&[u8]>> {
+    let mut r = Reader(data);
+    let mut nals = Vec::new();
+    while !r.0.is_empty() {
+        let len = r
+            .take(len_size)?
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+        let nal = r.take(len)?;
+        if !nal.is_empty() {
+            nals.push(nal);
+        }
+    }
+    Ok(nals)
+}
+
+/// Splits an Annex B byte stream at its start codes (3 or 4 bytes).
+fn annexb_nal_units(data: &[u8]) -> Vec<&[u8]> {
+    let mut nals = Vec::new();
+    let mut start: Option<usize> = None;
+    let mut i = 0;
+    while i + 3 <= data.len() {
+        if data[i] == 0 && data[i + 1] == 0 && data[i + 2] == 1 {
+            if let Some(s) = start {
+                nals.push(trim_trailing_zeros(&data[s..i]));
+            }
+            i += 3;
+            start = Some(i);
+        } else {
+            i += 1;
+        }
+    }
+    if let Some(s) = start {
+        nals.push(trim_trailing_zeros(&data[s..]));
+    }
+    nals.retain(|n| !n.is_empty());
+    nals
+}
+
+fn trim_trailing_zeros(nal: &[u8]) -> &[u8] {
+    let end = nal.iter().rposition(|b| *b != 0).map_or(0, |p| p + 1);
+    &nal[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("samples/sample.mkv")
+    }
+
+    fn sample_path() -> PathBuf {
+        // The scratch crate lives outside the repo; the sample sits next to this file's crate.
+        let p = sample();
+        if p.exists() {
+            p
+        } else {
+            Path::new(file!())
+                .parent()
+                .and_then(Path::parent)
+                .map(|d| d.join("samples/sample.mkv"))
+                .unwrap_or(p)
+        }
+    }
+
+    #[test]
+    fn avcc_record_parses() {
+        let rec = [
+            1, 0x42, 0xc0, 0x1f, 0xff, 0xe1, 0, 4, 0x67, 0x42, 0xc0, 0x1f, 1, 0, 2, 0x68, 0xce,
+        ];
+        let (len, ps) = parse_avcc(&rec).unwrap();
+        assert_eq!(len, 4);
+        assert_eq!(ps.sps, vec![vec![0x67, 0x42, 0xc0, 0x1f]]);
+        assert_eq!(ps.pps, vec![vec![0x68, 0xce]]);
+        assert!(parse_avcc(&rec[..10]).is_err());
+        assert!(parse_avcc(&[]).is_err());
+        assert!(parse_avcc(&[2, 0, 0, 0, 0xff, 0xe1]).is_err());
+    }
+
+    #[test]
+    fn avcc_to_annexb_with_params_on_keyframes() {
+        let rec = [
+            1, 0x42, 0xc0, 0x1f, 0xff, 0xe1, 0, 4, 0x67, 0x42, 0xc0, 0x1f, 1, 0, 2, 0x68, 0xce,
+        ];
+        let mut c = H264ToAnnexB::new(rec.to_vec()).unwrap();
+        assert_eq!(c.profile(), Some(0x42c01f));
+        let (key, out) = c.convert(&[0, 0, 0, 3, 0x65, 0xaa, 0xbb], true).unwrap();
+        assert!(key);
+        assert_eq!(
+            out,
+            [
+                0, 0, 0, 1, 0x67, 0x42, 0xc0, 0x1f, 0, 0, 0, 1, 0x68, 0xce, 0, 0, 0, 1, 0x65,
+                0xaa, 0xbb
+            ]
+        );
+        let (key, out) = c.convert(&[0, 0, 0, 2, 0x41, 0xcc], false).unwrap();
+        assert!(!key);
+        assert_eq!(out, [0, 0, 0, 1, 0x41, 0xcc]);
+        // Truncated length prefix or body: an error, not a panic.
+        assert!(c.convert(&[0, 0, 0, 9, 0x41], false).is_err());
+        assert!(c.convert(&[0, 0], false).is_err());
+    }
+
+    #[test]
+    fn annexb_split() {
+        let data = [0, 0, 0, 1, 0x67, 1, 0, 0, 1, 0x68, 2, 0, 0, 0, 0, 1, 0x65, 3];
+        let nals = annexb_nal_units(&data);
+        assert_eq!(nals, vec![&[0x67, 1][..], &[0x68, 2][..], &[0x65, 3][..]]);
+        assert!(annexb_nal_units(&[0, 0]).is_empty());
+        let mut c = H264ToAnnexB::new(Vec::new()).unwrap();
+        let (key, out) = c.convert(&data, false).unwrap();
+        assert!(key);
+        assert_eq!(
+            out,
+            [
+                0, 0, 0, 1, 0x67, 1, 0, 0, 0, 1, 0x68, 2, 0, 0, 0, 1, 0x65, 3
+            ]
+        );
+    }
+
+    #[test]
+    fn candidate_lines() {
+        let sdp = "v=0\r\na=candidate:1 1 UDP 2130706431 192.0.2.7 5000 typ host\r\n\
+                   a=candidate:2 1 tcp 1 192.0.2.8 9 typ host tcptype passive\r\n\
+                   a=candidate:3 1 udp 1 abc.local 5000 typ host\r\n\
+                   a=candidate:4 1 udp 1 192.0.2.7 5002 typ host\r\n";
+        assert_eq!(
+            remote_candidate_ips(sdp),
+            vec!["192.0.2.7".parse::<IpAddr>().unwrap()]
+        );
+    }
+
+    #[test]
+    fn rescale_clocks() {
+        assert_eq!(rescale(1_000_000, 90_000), 90_000);
+        assert_eq!(rescale(20_000, 48_000), 960);
+        assert_eq!(rescale(33_333, 90_000), 3000);
+        assert_eq!(rescale_signed(40, (1, 1000)), 40_000);
+        assert_eq!(rescale_signed(-7, (1, 1000)), -7_000);
+    }
+
+    #[test]
+    fn sample_demuxes_to_annexb() {
+        let mut d = Demuxer::open(&sample_path()).unwrap();
+        let info = d.info();
+        assert!(info.video && info.audio);
+        assert_eq!(info.h264_profile.map(|p| p >> 16), Some(0x42));
+
+        let mut video = Vec::new();
+        let mut audio = Vec::new();
+        while let Some(f) = d.next_frame().unwrap() {
+            match f.kind {
+                FrameKind::Video => video.push(f),
+                FrameKind::Audio => audio.push(f),
+            }
+        }
+        assert_eq!(video.len(), 300);
+        assert!((499..=502).contains(&audio.len()), "{}", audio.len());
+        for (i, f) in video.iter().enumerate() {
+            assert_eq!(f.key, i % 30 == 0, "frame {i}");
+            let nals = annexb_nal_units(&f.data);
+            assert!(f.data.starts_with(&START_CODE));
+            if f.key {
+                assert_eq!(nal_type(nals[0]), NAL_SPS);
+                assert_eq!(nal_type(nals[1]), NAL_PPS);
+                assert!(nals.iter().any(|n| nal_type(n) == NAL_IDR));
+            } else {
+                assert!(nals.iter().all(|n| nal_type(n) != NAL_SPS));
+            }
+        }
+        // Pacing: 30 fps video and 20 ms audio on one timeline starting at 0.
+        let first = video.first().unwrap().send_at.min(audio[0].send_at);
+        assert_eq!(first, Duration::ZERO);
+        let last = video.last().unwrap().send_at;
+        assert!(
+            last > Duration::from_millis(9900) && last < Duration::from_millis(10_050),
+            "{last:?}"
+        );
+        for w in video.windows(2) {
+            let gap = w[1].send_at - w[0].send_at;
+            assert!(gap >= Duration::from_millis(32) && gap <= Duration::from_millis(35));
+        }
+        for w in audio.windows(2).skip(1) {
+            assert_eq!(w[1].pts_us - w[0].pts_us, 20_000);
+        }
+    }
+
+    #[test]
+    fn sample_loops_forward() {
+        let mut d = Demuxer::open(&sample_path()).unwrap();
+        let mut last_first_pass = Duration::ZERO;
+        while let Some(f) = d.next_frame().unwrap() {
+            last_first_pass = last_first_pass.max(f.send_at);
+        }
+        d.restart().unwrap();
+        assert_eq!(d.loops(), 1);
+        let f = d.next_frame().unwrap().unwrap();
+        assert!(f.send_at > last_first_pass, "{:?}", f.send_at);
+        assert!(f.send_at < last_first_pass + Duration::from_millis(60));
+    }
+
+    #[test]
+    fn bad_files_are_errors() {
+        assert!(Demuxer::open(Path::new("/nonexistent/file.mkv")).is_err());
+        let dir = std::env::temp_dir().join(format!("whipgate-publish-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let junk = dir.join("junk.mkv");
+        std::fs::write(&junk, b"this is not a media file").unwrap();
+        assert!(Demuxer::open(&junk).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

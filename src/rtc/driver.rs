@@ -1,0 +1,431 @@
+//! The WebRTC driver: one task owns the UDP socket and every session's str0m
+//! `Rtc`. Datagrams are routed to the session that accepts them (a cache of
+//! remote addresses makes that O(1) once media flows); timeouts are driven
+//! from the earliest deadline of all sessions. Nothing outside `rtc/` sees
+//! str0m.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use str0m::change::SdpOffer;
+use str0m::format::{Codec, FormatParams};
+use str0m::media::{KeyframeRequestKind, MediaKind, Mid};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+
+use super::ingest::Ingest;
+use super::offer::Accepted;
+use super::{Created, RtcError};
+use crate::hub::{Hub, KeyframeRequester, Publication};
+use crate::media::frame::TrackKind;
+
+pub(super) enum Command {
+    Create {
+        id: String,
+        offer: String,
+        accepted: Accepted,
+        hub: Arc<Hub>,
+        publication: Publication,
+        on_close: Box<dyn FnOnce() + Send>,
+        reply: oneshot::Sender<Result<Created, RtcError>>,
+    },
+    Close {
+        id: String,
+    },
+    Keyframe {
+        id: String,
+    },
+    Shutdown {
+        done: oneshot::Sender<()>,
+    },
+}
+
+struct Session {
+    id: String,
+    rtc: Rtc,
+    hub: Arc<Hub>,
+    publication: Publication,
+    video_mid: Option<Mid>,
+    audio_mid: Option<Mid>,
+    ingest: Ingest,
+    last_input: Instant,
+    on_close: Option<Box<dyn FnOnce() + Send>>,
+    commands: mpsc::WeakSender<Command>,
+    span: tracing::Span,
+}
+
+impl Session {
+    fn close(&mut self, reason: &str) {
+        let _g = self.span.enter();
+        tracing::info!(reason, "session closed");
+        self.rtc.disconnect();
+        self.hub.stop(self.publication.id);
+        if let Some(f) = self.on_close.take() {
+            f();
+        }
+    }
+}
+
+pub(super) struct Driver {
+    socket: UdpSocket,
+    local_ips: Vec<IpAddr>,
+    port: u16,
+    sessions: HashMap<String, Session>,
+    /// Remote address → session id, learnt from accepted datagrams.
+    routes: HashMap<SocketAddr, String>,
+    cert: Option<str0m::config::DtlsCert>,
+    idle_timeout: Duration,
+    commands: mpsc::Receiver<Command>,
+    commands_tx: mpsc::WeakSender<Command>,
+}
+
+impl Driver {
+    pub(super) fn new(
+        socket: UdpSocket,
+        local_ips: Vec<IpAddr>,
+        idle_timeout: Duration,
+        commands: mpsc::Receiver<Command>,
+        commands_tx: mpsc::WeakSender<Command>,
+    ) -> std::io::Result<Self> {
+        let port = socket.local_addr()?.port();
+        let cert = str0m::crypto::from_feature_flags()
+            .dtls_provider
+            .generate_certificate();
+        Ok(Self {
+            socket,
+            local_ips,
+            port,
+            sessions: HashMap::new(),
+            routes: HashMap::new(),
+            cert,
+            idle_timeout,
+            commands,
+            commands_tx,
+        })
+    }
+
+    pub(super) async fn run(mut self) {
+        let mut buf = vec![0u8; 2048];
+        let mut next_timeout = Instant::now();
+        loop {
+            let sleep_until = tokio::time::Instant::from_std(next_timeout);
+            tokio::select! {
+                cmd = self.commands.recv() => {
+                    match cmd {
+                        Some(Command::Shutdown { done }) => {
+                            for (_, mut s) in self.sessions.drain() {
+                                s.close("server shutting down");
+                            }
+                            let _ = done.send(());
+                            return;
+                        }
+                        Some(cmd) => self.command(cmd),
+                        None => return,
+                    }
+                }
+                r = self.socket.recv_from(&mut buf) => {
+                    match r {
+                        Ok((n, source)) => self.datagram(&buf[..n], source),
+                        Err(e) => tracing::debug!(error = %e, "udp receive error"),
+                    }
+                }
+                _ = tokio::time::sleep_until(sleep_until) => {}
+            }
+            next_timeout = self.drive(Instant::now()).await;
+        }
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Create {
+                id,
+                offer,
+                accepted,
+                hub,
+                publication,
+                on_close,
+                reply,
+            } => {
+                let span = tracing::info_span!("session", stream = %hub.name(), session = %id);
+                let result = span.in_scope(|| self.create(&offer, &accepted));
+                let result = result.map(|(rtc, answer)| {
+                    // Strong ETag, unique per ICE session.
+                    let created = Created {
+                        answer,
+                        etag: format!("\"{}\"", super::random_id(12)),
+                    };
+                    self.sessions.insert(
+                        id.clone(),
+                        Session {
+                            id: id.clone(),
+                            rtc,
+                            hub,
+                            publication,
+                            video_mid: None,
+                            audio_mid: None,
+                            ingest: Ingest::new(),
+                            last_input: Instant::now(),
+                            on_close: Some(on_close),
+                            commands: self.commands_tx.clone(),
+                            span,
+                        },
+                    );
+                    created
+                });
+                let _ = reply.send(result);
+            }
+            Command::Close { id } => {
+                if let Some(mut s) = self.sessions.remove(&id) {
+                    s.close("closed by client (DELETE)");
+                    self.routes.retain(|_, v| *v != id);
+                }
+            }
+            Command::Keyframe { id } => {
+                if let Some(s) = self.sessions.get_mut(&id) {
+                    request_keyframe(s);
+                }
+            }
+            Command::Shutdown { .. } => {}
+        }
+    }
+
+    fn create(&self, offer: &str, accepted: &Accepted) -> Result<(Rtc, String), RtcError> {
+        let sdp = SdpOffer::from_sdp_string(offer).map_err(|e| RtcError::Sdp(e.to_string()))?;
+        let mut config = RtcConfig::new()
+            .set_ice_lite(true)
+            .clear_codecs()
+            .enable_opus(accepted.audio.is_some(), false)
+            // Keep RTCP stats off the hot path; we read what we need from events.
+            .set_stats_interval(None);
+        if let Some(cert) = &self.cert {
+            config = config.set_dtls_cert(cert.clone());
+        }
+        if let Some(video) = &accepted.video {
+            // Mirror every H264 payload the client offers, so any profile
+            // (Baseline, Main, High, hardware encoders' odd levels) matches.
+            let codecs = config.codec_config();
+            for (p, rtx) in video.h264_mode1() {
+                codecs.add_config(
+                    p.pt.into(),
+                    rtx.map(Into::into),
+                    Codec::H264,
+                    str0m::media::Frequency::NINETY_KHZ,
+                    None,
+                    FormatParams {
+                        level_asymmetry_allowed: Some(true),
+                        packetization_mode: Some(1),
+                        profile_level_id: p.fmtp_u32("profile-level-id", 16),
+                        ..Default::default()
+                    },
+                );
+            }
+        }
+        let mut rtc = config.build(Instant::now());
+        for ip in &self.local_ips {
+            let addr = SocketAddr::new(*ip, self.port);
+            match Candidate::host(addr, "udp") {
+                Ok(c) => {
+                    rtc.add_local_candidate(c);
+                }
+                Err(e) => tracing::debug!(%addr, error = %e, "skipping local candidate"),
+            }
+        }
+        let answer = rtc
+            .sdp_api()
+            .accept_offer(sdp)
+            .map_err(|e| RtcError::Negotiation(e.to_string()))?;
+        Ok((rtc, answer.to_sdp_string()))
+    }
+
+    /// The local address a datagram from `source` arrived on, as ICE knows
+    /// it. The socket may be bound to a wildcard address, so this picks the
+    /// candidate address of the same family, loopback for loopback peers.
+    fn destination(&self, source: SocketAddr) -> SocketAddr {
+        let ip = source.ip();
+        let pick = self
+            .local_ips
+            .iter()
+            .filter(|l| l.is_ipv4() == ip.is_ipv4())
+            .find(|l| l.is_loopback() == ip.is_loopback())
+            .or_else(|| self.local_ips.first())
+            .copied()
+            .unwrap_or(ip);
+        SocketAddr::new(pick, self.port)
+    }
+
+    fn datagram(&mut self, data: &[u8], source: SocketAddr) {
+        let Ok(contents) = data.try_into() else {
+            return; // not STUN, DTLS, RTP or RTCP
+        };
+        let now = Instant::now();
+        let input = Input::Receive(
+            now,
+            Receive {
+                proto: Protocol::Udp,
+                source,
+                destination: self.destination(source),
+                contents,
+            },
+        );
+        let id = match self.routes.get(&source) {
+            Some(id) if self.sessions.get(id).is_some_and(|s| s.rtc.accepts(&input)) => {
+                Some(id.clone())
+            }
+            _ => self
+                .sessions
+                .iter()
+                .find(|(_, s)| s.rtc.accepts(&input))
+                .map(|(id, _)| id.clone()),
+        };
+        let Some(id) = id else { return };
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        s.last_input = now;
+        if let Err(e) = s.rtc.handle_input(input) {
+            let _g = s.span.enter();
+            tracing::debug!(error = %e, "bad input");
+        }
+        self.routes.insert(source, id);
+    }
+
+    /// Polls every session until each waits for a timeout; returns the
+    /// earliest deadline.
+    async fn drive(&mut self, now: Instant) -> Instant {
+        let mut next = now + Duration::from_millis(100);
+        let mut dead = Vec::new();
+        let mut out: Vec<(Vec<u8>, SocketAddr)> = Vec::new();
+        for (id, s) in self.sessions.iter_mut() {
+            if now.duration_since(s.last_input) > self.idle_timeout {
+                s.close("client went silent (no consent checks or media)");
+                dead.push(id.clone());
+                continue;
+            }
+            match poll_session(s, now, &mut out) {
+                Ok(Some(t)) => next = next.min(t),
+                Ok(None) => dead.push(id.clone()),
+                Err(reason) => {
+                    s.close(&reason);
+                    dead.push(id.clone());
+                }
+            }
+        }
+        for id in dead {
+            self.sessions.remove(&id);
+            self.routes.retain(|_, v| *v != id);
+        }
+        for (data, dest) in out {
+            if let Err(e) = self.socket.send_to(&data, dest).await {
+                tracing::debug!(%dest, error = %e, "udp send failed");
+            }
+        }
+        next.max(now)
+    }
+}
+
+/// Runs one session's state machine until it waits. `Ok(None)` when the
+/// session ended by itself, `Err` with a reason when it failed.
+fn poll_session(
+    s: &mut Session,
+    now: Instant,
+    out: &mut Vec<(Vec<u8>, SocketAddr)>,
+) -> Result<Option<Instant>, String> {
+    if let Err(e) = s.rtc.handle_input(Input::Timeout(now)) {
+        return Err(format!("webrtc error: {e}"));
+    }
+    loop {
+        if !s.rtc.is_alive() {
+            s.close("peer connection ended");
+            return Ok(None);
+        }
+        let output = match s.rtc.poll_output() {
+            Ok(o) => o,
+            Err(e) => return Err(format!("webrtc error: {e}")),
+        };
+        match output {
+            Output::Timeout(t) => return Ok(Some(t)),
+            Output::Transmit(t) => out.push((t.contents.to_vec(), t.destination)),
+            Output::Event(e) => on_event(s, e, now)?,
+        }
+    }
+}
+
+fn on_event(s: &mut Session, event: Event, now: Instant) -> Result<(), String> {
+    let _g = s.span.enter();
+    match event {
+        Event::Connected => {
+            tracing::info!("connected");
+            let hub = s.hub.clone();
+            let publication = s.publication;
+            let requester = s.keyframe_requester();
+            drop(_g);
+            hub.start(publication, requester);
+            request_keyframe(s);
+        }
+        Event::IceConnectionStateChange(state) => {
+            tracing::debug!(?state, "ice state");
+            if state == IceConnectionState::Disconnected {
+                return Err("ICE disconnected".into());
+            }
+        }
+        Event::MediaAdded(m) => {
+            tracing::debug!(mid = %m.mid, kind = ?m.kind, "media added");
+            match m.kind {
+                MediaKind::Video => s.video_mid = Some(m.mid),
+                MediaKind::Audio => s.audio_mid = Some(m.mid),
+            }
+        }
+        Event::MediaData(d) => {
+            let kind = if Some(d.mid) == s.video_mid {
+                TrackKind::Video
+            } else if Some(d.mid) == s.audio_mid {
+                TrackKind::Audio
+            } else {
+                return Ok(());
+            };
+            let out = s.ingest.push(now, kind, &d);
+            for frame in out.frames {
+                s.hub.publish(s.publication, frame);
+            }
+            if out.want_keyframe {
+                drop(_g);
+                s.hub.request_keyframe();
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn request_keyframe(s: &mut Session) {
+    let Some(mid) = s.video_mid else { return };
+    let Some(mut w) = s.rtc.writer(mid) else {
+        return;
+    };
+    let kind = if w.is_request_keyframe_possible(KeyframeRequestKind::Pli) {
+        KeyframeRequestKind::Pli
+    } else {
+        KeyframeRequestKind::Fir
+    };
+    match w.request_keyframe(None, kind) {
+        Ok(()) => tracing::debug!(parent: &s.span, ?kind, "keyframe requested"),
+        Err(e) => tracing::debug!(parent: &s.span, error = %e, "keyframe request failed"),
+    }
+}
+
+impl Session {
+    /// Lets the hub ask this session for a keyframe through the driver.
+    fn keyframe_requester(&self) -> KeyframeRequester {
+        let id = self.id.clone();
+        let tx = self.commands.clone();
+        Box::new(move || {
+            if let Some(tx) = tx.upgrade() {
+                let _ = tx.try_send(Command::Keyframe { id: id.clone() });
+            }
+        })
+    }
+}

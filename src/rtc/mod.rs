@@ -1,0 +1,109 @@
+//! WebRTC sessions. The only module that knows str0m: the rest of the server
+//! sees [`RtcHandle`] (create, close, ask for a keyframe) and frames arriving
+//! on stream hubs.
+
+mod driver;
+mod ingest;
+pub mod offer;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::RngCore;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::hub::{Hub, Publication};
+use driver::{Command, Driver};
+pub use offer::Accepted;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RtcError {
+    #[error("malformed SDP offer: {0}")]
+    Sdp(String),
+    #[error("cannot negotiate the offer: {0}")]
+    Negotiation(String),
+    #[error("the WebRTC driver is not running")]
+    Gone,
+}
+
+/// What a new session answers.
+#[derive(Debug, Clone)]
+pub struct Created {
+    pub answer: String,
+    pub etag: String,
+}
+
+/// A cheap, cloneable handle to the driver task.
+#[derive(Clone)]
+pub struct RtcHandle {
+    tx: mpsc::Sender<Command>,
+    local_addr: SocketAddr,
+}
+
+impl RtcHandle {
+    /// Binds the UDP socket and starts the driver task.
+    pub async fn start(
+        listen: SocketAddr,
+        candidate_ips: Vec<IpAddr>,
+        idle_timeout: Duration,
+    ) -> std::io::Result<Self> {
+        str0m::crypto::from_feature_flags().install_process_default();
+        let socket = tokio::net::UdpSocket::bind(listen).await?;
+        let local_addr = socket.local_addr()?;
+        let (tx, rx) = mpsc::channel(1024);
+        let driver = Driver::new(socket, candidate_ips, idle_timeout, rx, tx.downgrade())?;
+        tokio::spawn(driver.run());
+        Ok(Self { tx, local_addr })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Negotiates a new publishing session. `on_close` runs once when the
+    /// session ends for any reason.
+    pub async fn create(
+        &self,
+        id: String,
+        offer: String,
+        accepted: Accepted,
+        hub: Arc<Hub>,
+        publication: Publication,
+        on_close: Box<dyn FnOnce() + Send>,
+    ) -> Result<Created, RtcError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Create {
+                id,
+                offer,
+                accepted,
+                hub,
+                publication,
+                on_close,
+                reply,
+            })
+            .await
+            .map_err(|_| RtcError::Gone)?;
+        rx.await.map_err(|_| RtcError::Gone)?
+    }
+
+    pub async fn close(&self, id: &str) {
+        let _ = self.tx.send(Command::Close { id: id.to_owned() }).await;
+    }
+
+    /// Closes every session and stops the driver.
+    pub async fn shutdown(&self) {
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(Command::Shutdown { done }).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// A random identifier of `bytes` bytes from the OS CSPRNG, hex encoded.
+pub fn random_id(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::rngs::OsRng.fill_bytes(&mut buf);
+    hex::encode(buf)
+}
