@@ -6,7 +6,7 @@
 //! talks to the WHIP server over one UDP socket.
 //!
 //! Use from code (tests):
-//! ```ignore
+//! ```text
 //! let opts = PublishOptions::new("samples/sample.mkv", "http://127.0.0.1:8080/whip/test");
 //! let stats = publish(opts, tokio::time::sleep(Duration::from_secs(3))).await?;
 //! ```
@@ -26,7 +26,7 @@ use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid, Pt};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use url::Url;
 
@@ -99,7 +99,7 @@ pub struct PublishStats {
     pub bytes: u64,
     /// PLI/FIR received from the server (logged, cannot be honoured without re-encoding).
     pub keyframe_requests: u64,
-    /// How many times the file was restarted (`--loop`).
+    /// How many times the file was restarted (`--loop`), counting frames actually sent.
     pub loops: u64,
     /// True when the whole file (without loop) was sent.
     pub finished: bool,
@@ -195,10 +195,7 @@ async fn termination_signal() {
 ///
 /// Returns an error for HTTP failures (with status and body), unreadable or unsupported files,
 /// and ICE/DTLS failures. Stopping through `shutdown` is a success.
-pub async fn publish(
-    opts: PublishOptions,
-    shutdown: impl Future,
-) -> anyhow::Result<PublishStats> {
+pub async fn publish(opts: PublishOptions, shutdown: impl Future) -> anyhow::Result<PublishStats> {
     let url = Url::parse(&opts.url).with_context(|| format!("invalid WHIP URL {:?}", opts.url))?;
     if !matches!(url.scheme(), "http" | "https") {
         bail!("WHIP URL must be http:// or https://, got {url}");
@@ -383,7 +380,9 @@ fn error_body(body: &str) -> String {
 }
 
 async fn delete_session(http: &reqwest::Client, location: &Url, token: Option<&str>) {
-    let mut req = http.delete(location.clone()).timeout(Duration::from_secs(5));
+    let mut req = http
+        .delete(location.clone())
+        .timeout(Duration::from_secs(5));
     if let Some(token) = token {
         req = req.bearer_auth(token);
     }
@@ -392,10 +391,7 @@ async fn delete_session(http: &reqwest::Client, location: &Url, token: Option<&s
         Ok(resp) => {
             let status = resp.status();
             let body = resp.text().await.unwrap_or_default();
-            warn!(
-                "DELETE {location} returned {status}{}",
-                error_body(&body)
-            );
+            warn!("DELETE {location} returned {status}{}", error_body(&body));
         }
         Err(e) => warn!("DELETE {location} failed: {e}"),
     }
@@ -424,10 +420,9 @@ fn remote_candidate_ips(sdp: &str) -> Vec<IpAddr> {
         if !transport.eq_ignore_ascii_case("udp") {
             continue;
         }
-        if let Ok(ip) = addr.parse::<IpAddr>() {
-            if !ips.contains(&ip) {
-                ips.push(ip);
-            }
+        match addr.parse::<IpAddr>() {
+            Ok(ip) if !ips.contains(&ip) => ips.push(ip),
+            _ => {}
         }
     }
     ips
@@ -571,14 +566,15 @@ fn choose_pt<'a>(
                 if f.packetization_mode == Some(1) {
                     score += 4;
                 }
-                if let (Some(want), Some(have)) = (h264_profile, f.profile_level_id) {
-                    if want >> 16 == have >> 16 {
+                match (h264_profile, f.profile_level_id) {
+                    (Some(want), Some(have)) if want >> 16 == have >> 16 => {
                         score += 2;
                         // Constrained baseline (constraint_set1) matches 42e0xx best.
                         if (want >> 8) & 0x40 == (have >> 8) & 0x40 {
                             score += 1;
                         }
                     }
+                    _ => {}
                 }
             }
             // Earlier entries win ties (max_by_key keeps the last maximum).
@@ -608,22 +604,16 @@ impl Driver<'_> {
         mut shutdown: std::pin::Pin<&mut impl Future>,
     ) -> anyhow::Result<()> {
         let (tx, mut rx) = mpsc::channel::<MediaFrame>(FRAME_QUEUE);
-        let (loops_tx, loops_rx) = oneshot::channel();
         let loop_ = self.opts.loop_;
         let demux_task = tokio::task::spawn_blocking(move || {
             let mut demuxer = demuxer;
-            let r = demuxer.pump(&tx, loop_);
-            let _ = loops_tx.send(demuxer.loops());
-            r
+            demuxer.pump(&tx, loop_)
         });
 
         let result = self.event_loop(&mut rx, shutdown.as_mut()).await;
         // Stop the demuxer (its next send fails) and collect its outcome.
         drop(rx);
         let demux_result = demux_task.await;
-        if let Ok(loops) = loops_rx.await {
-            self.stats.loops = loops;
-        }
         self.rtc.disconnect();
         result?;
         match demux_result {
@@ -647,7 +637,9 @@ impl Driver<'_> {
         let mut eof = false;
 
         loop {
-            let timeout = self.drain(&mut disconnected_since, &mut media_start).await?;
+            let timeout = self
+                .drain(&mut disconnected_since, &mut media_start)
+                .await?;
             if !self.rtc.is_alive() {
                 bail!("the WebRTC connection was closed");
             }
@@ -814,6 +806,7 @@ impl Driver<'_> {
             )
             .map_err(|e| anyhow!("writing {:?} frame: {e}", frame.kind))?;
         self.stats.bytes += len;
+        self.stats.loops = self.stats.loops.max(frame.pass);
         match frame.kind {
             FrameKind::Video => {
                 self.stats.video_frames += 1;
@@ -878,6 +871,8 @@ pub struct MediaFrame {
     pub pts_us: u64,
     /// Annex B H264 access unit, or one Opus packet.
     pub data: Vec<u8>,
+    /// Pass through the file: 0 the first time, 1 after the first restart (`--loop`), ...
+    pub pass: u64,
 }
 
 /// What the file offers.
@@ -1013,6 +1008,7 @@ impl Demuxer {
                 send_at: Duration::from_micros(send_out.max(0).unsigned_abs()),
                 pts_us: pts_out.max(0).unsigned_abs(),
                 data,
+                pass: self.loops,
             }));
         }
     }
@@ -1057,8 +1053,8 @@ fn open_input(path: &Path) -> anyhow::Result<Opened> {
         bail!("{} is not a readable file", path.display());
     }
     ffmpeg::init().map_err(|e| anyhow!("initialising FFmpeg: {e}"))?;
-    let input = ffmpeg::format::input(path)
-        .map_err(|e| anyhow!("cannot open {}: {e}", path.display()))?;
+    let input =
+        ffmpeg::format::input(path).map_err(|e| anyhow!("cannot open {}: {e}", path.display()))?;
 
     let mut streams = Vec::new();
     let mut h264 = None;
@@ -1390,8 +1386,8 @@ mod tests {
         assert_eq!(
             out,
             [
-                0, 0, 0, 1, 0x67, 0x42, 0xc0, 0x1f, 0, 0, 0, 1, 0x68, 0xce, 0, 0, 0, 1, 0x65,
-                0xaa, 0xbb
+                0, 0, 0, 1, 0x67, 0x42, 0xc0, 0x1f, 0, 0, 0, 1, 0x68, 0xce, 0, 0, 0, 1, 0x65, 0xaa,
+                0xbb
             ]
         );
         let (key, out) = c.convert(&[0, 0, 0, 2, 0x41, 0xcc], false).unwrap();
@@ -1404,7 +1400,9 @@ mod tests {
 
     #[test]
     fn annexb_split() {
-        let data = [0, 0, 0, 1, 0x67, 1, 0, 0, 1, 0x68, 2, 0, 0, 0, 0, 1, 0x65, 3];
+        let data = [
+            0, 0, 0, 1, 0x67, 1, 0, 0, 1, 0x68, 2, 0, 0, 0, 0, 1, 0x65, 3,
+        ];
         let nals = annexb_nal_units(&data);
         assert_eq!(nals, vec![&[0x67, 1][..], &[0x68, 2][..], &[0x65, 3][..]]);
         assert!(annexb_nal_units(&[0, 0]).is_empty());

@@ -66,7 +66,11 @@ impl Streams {
         }
         let hub = Hub::new(name);
         let outputs = vec![
-            tokio::spawn(transcode::audio_task(hub.clone(), self.shutdown.clone())),
+            tokio::spawn(transcode::rendition::run_aac(
+                hub.clone(),
+                transcode::audio::AacSettings::default(),
+                self.shutdown.clone(),
+            )),
             tokio::spawn(hls::output::run(
                 hub.clone(),
                 self.config.hls.clone(),

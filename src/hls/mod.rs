@@ -7,4 +7,4 @@
 pub mod playlist;
 pub mod segmenter;
 pub mod ts;
-// pub mod output; (storage and the hub side, added separately)
+pub mod output;

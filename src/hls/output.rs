@@ -28,6 +28,9 @@ struct Output {
     playlist: Playlist,
     /// The publication being segmented, and its segmenter.
     current: Option<(Publication, Segmenter)>,
+    /// The last publication that ended: its late frames (the audio
+    /// transcoder's flush) are ignored.
+    ended: Option<u64>,
     /// Sequence number the current publication's segment 0 gets.
     sequence_base: u64,
     /// Segment files still on disk, oldest first.
@@ -55,6 +58,7 @@ pub async fn run(
         }),
         config,
         current: None,
+        ended: None,
         sequence_base: 0,
         on_disk: VecDeque::new(),
     };
@@ -90,6 +94,9 @@ pub async fn run(
 impl Output {
     async fn frame(&mut self, hf: HubFrame, span: &tracing::Span) {
         let HubFrame { publication, frame } = hf;
+        if self.ended == Some(publication.id) {
+            return;
+        }
         if self.current.as_ref().map(|(p, _)| p.id) != Some(publication.id) {
             self.end(span).await;
             let segmenter = Segmenter::new(
@@ -123,9 +130,10 @@ impl Output {
 
     /// The publication ended: flush the last segment and end the playlist.
     async fn end(&mut self, span: &tracing::Span) {
-        let Some((_, mut segmenter)) = self.current.take() else {
+        let Some((publication, mut segmenter)) = self.current.take() else {
             return;
         };
+        self.ended = Some(publication.id);
         if let Some(segment) = segmenter.finish() {
             self.write_segment(segment, span).await;
         }

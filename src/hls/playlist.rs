@@ -121,6 +121,12 @@ impl Playlist {
         self.entries.front().map_or(0, |e| e.sequence)
     }
 
+    /// The sequence number that follows the last pushed segment (0 before
+    /// any), for a new segmenter to carry on from.
+    pub fn next_sequence(&self) -> u64 {
+        self.entries.back().map_or(0, |e| e.sequence + 1)
+    }
+
     /// `EXT-X-TARGETDURATION` in seconds.
     pub fn target_duration(&self) -> u64 {
         self.longest_ms.div_ceil(1000).max(self.min_target_secs)
@@ -189,4 +195,192 @@ fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = year_of_era + era * 400 + i64::from(month <= 2);
     (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T0: i64 = 1_700_000_000_000;
+
+    fn segment(sequence: u64, duration: f64, discontinuity: bool) -> Segment {
+        Segment {
+            sequence,
+            duration,
+            data: Vec::new(),
+            discontinuity,
+            program_date_time_ms: T0 + sequence as i64 * 2000,
+            starts_with_keyframe: true,
+        }
+    }
+
+    fn twos(count: u64) -> Vec<Segment> {
+        (0..count).map(|i| segment(i, 2.0, false)).collect()
+    }
+
+    #[test]
+    fn golden_playlists() {
+        let window = |window| PlaylistConfig {
+            window,
+            ..PlaylistConfig::default()
+        };
+        let cases: Vec<(&str, PlaylistConfig, Vec<Segment>, bool, &str)> = vec![
+            (
+                "empty",
+                PlaylistConfig::default(),
+                vec![],
+                false,
+                "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:2\n",
+            ),
+            (
+                "two segments, target rounded up",
+                PlaylistConfig::default(),
+                vec![segment(0, 2.0, false), segment(1, 2.0333, false)],
+                false,
+                "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:3\n\
+                 #EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:20.000Z\n#EXTINF:2,\nseg0.ts\n\
+                 #EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:22.000Z\n#EXTINF:2.033,\nseg1.ts\n",
+            ),
+            (
+                "configured target is the floor",
+                PlaylistConfig {
+                    target_duration: Duration::from_millis(4500),
+                    window: 6,
+                },
+                vec![segment(0, 1.5, false)],
+                false,
+                "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:5\n\
+                 #EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:20.000Z\n#EXTINF:1.5,\nseg0.ts\n",
+            ),
+            (
+                "sliding window",
+                window(2),
+                twos(5),
+                false,
+                "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:2\n#EXT-X-MEDIA-SEQUENCE:3\n\
+                 #EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:26.000Z\n#EXTINF:2,\nseg3.ts\n\
+                 #EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:28.000Z\n#EXTINF:2,\nseg4.ts\n",
+            ),
+            (
+                "discontinuity in the window",
+                window(3),
+                vec![
+                    segment(0, 2.0, false),
+                    segment(1, 1.0, false),
+                    segment(2, 2.0, true),
+                ],
+                false,
+                "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:2\n\
+                 #EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:20.000Z\n#EXTINF:2,\nseg0.ts\n\
+                 #EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:22.000Z\n#EXTINF:1,\nseg1.ts\n\
+                 #EXT-X-DISCONTINUITY\n\
+                 #EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:24.000Z\n#EXTINF:2,\nseg2.ts\n",
+            ),
+            (
+                "discontinuity slid out",
+                window(2),
+                vec![
+                    segment(0, 2.0, false),
+                    segment(1, 2.0, true),
+                    segment(2, 2.0, false),
+                    segment(3, 2.0, true),
+                ],
+                false,
+                "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:2\n#EXT-X-MEDIA-SEQUENCE:2\n\
+                 #EXT-X-DISCONTINUITY-SEQUENCE:1\n\
+                 #EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:24.000Z\n#EXTINF:2,\nseg2.ts\n\
+                 #EXT-X-DISCONTINUITY\n\
+                 #EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:26.000Z\n#EXTINF:2,\nseg3.ts\n",
+            ),
+            (
+                "ended",
+                window(6),
+                twos(1),
+                true,
+                "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:2\n\
+                 #EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:20.000Z\n#EXTINF:2,\nseg0.ts\n\
+                 #EXT-X-ENDLIST\n",
+            ),
+        ];
+        for (name, config, segments, ended, expected) in cases {
+            let mut playlist = Playlist::new(config);
+            for segment in &segments {
+                let _ = playlist.push(segment);
+            }
+            if ended {
+                playlist.end();
+            }
+            let text = playlist.render();
+            assert_eq!(text, expected, "{name}");
+            // What we write, a parser reads back.
+            let parsed = m3u8_rs::parse_media_playlist_res(text.as_bytes()).expect(name);
+            assert_eq!(
+                parsed.segments.len(),
+                segments.len().min(config.window),
+                "{name}"
+            );
+            assert!(
+                parsed
+                    .segments
+                    .iter()
+                    .all(|s| s.program_date_time.is_some())
+            );
+            assert_eq!(parsed.end_list, ended, "{name}");
+        }
+    }
+
+    #[test]
+    fn sliding_out_returns_removed_uris() {
+        let mut playlist = Playlist::new(PlaylistConfig::default());
+        let removed: Vec<Vec<String>> = twos(8).iter().map(|s| playlist.push(s)).collect();
+        assert!(removed[..6].iter().all(Vec::is_empty));
+        assert_eq!(removed[6], ["seg0.ts"]);
+        assert_eq!(removed[7], ["seg1.ts"]);
+        assert_eq!(playlist.media_sequence(), 2);
+        assert_eq!(playlist.next_sequence(), 8);
+        assert_eq!(Playlist::new(PlaylistConfig::default()).next_sequence(), 0);
+
+        // A window of 0 behaves as 1.
+        let mut tiny = Playlist::new(PlaylistConfig {
+            window: 0,
+            ..PlaylistConfig::default()
+        });
+        assert!(tiny.push(&segment(0, 2.0, false)).is_empty());
+        assert_eq!(tiny.push(&segment(1, 2.0, false)), ["seg0.ts"]);
+    }
+
+    #[test]
+    fn target_duration_never_shrinks_and_push_reopens() {
+        let mut playlist = Playlist::new(PlaylistConfig {
+            window: 1,
+            ..PlaylistConfig::default()
+        });
+        let _ = playlist.push(&segment(0, 7.2, false));
+        let _ = playlist.push(&segment(1, 2.0, false));
+        assert_eq!(playlist.target_duration(), 8);
+        playlist.end();
+        assert!(playlist.is_ended());
+        let _ = playlist.push(&segment(2, 2.0, true));
+        assert!(!playlist.is_ended());
+        assert!(!playlist.render().contains("ENDLIST"));
+        // Nonsense durations are listed as 0 rather than breaking anything.
+        let _ = playlist.push(&segment(3, f64::NAN, false));
+        assert!(playlist.render().contains("#EXTINF:0,"));
+    }
+
+    #[test]
+    fn dates_are_rfc3339_utc_with_milliseconds() {
+        for (ms, text) in [
+            (0, "1970-01-01T00:00:00.000Z"),
+            (T0 + 123, "2023-11-14T22:13:20.123Z"),
+            (1_709_164_800_000, "2024-02-29T00:00:00.000Z"),
+            (951_868_799_999, "2000-02-29T23:59:59.999Z"),
+            (-1, "1969-12-31T23:59:59.999Z"),
+        ] {
+            assert_eq!(rfc3339_ms(ms), text);
+        }
+        // Extremes format without overflowing.
+        let _ = rfc3339_ms(i64::MAX);
+        let _ = rfc3339_ms(i64::MIN);
+    }
 }

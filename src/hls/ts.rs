@@ -6,7 +6,8 @@
 //!
 //! What the writer does for players (the details that hls.js, Safari and
 //! ffmpeg care about):
-//! - every H264 access unit starts with an access unit delimiter (NAL 9);
+//! - every H264 access unit starts with an access unit delimiter (NAL 9), and
+//!   its NAL units are written back with 4-byte start codes;
 //! - IDR access units carry SPS and PPS (taken from [`CodecParams::H264`]
 //!   when the access unit lacks them);
 //! - AAC frames are wrapped in ADTS headers built from the AudioSpecificConfig;
@@ -20,6 +21,7 @@
 //! [`TsError::UnsupportedCodec`]. A refused frame writes nothing.
 
 use crate::media::frame::{CLOCK_HZ, Codec, CodecParams, Frame, TrackKind};
+use crate::media::h264::{NAL_AUD, NAL_IDR, NAL_PPS, NAL_SPS, nal_type, split_annexb};
 
 /// Size of one transport stream packet.
 pub const PACKET_SIZE: usize = 188;
@@ -50,12 +52,8 @@ const TIMESTAMP_MODULO: i64 = 1 << 33;
 /// Payload bytes after the 4-byte packet header.
 const PACKET_PAYLOAD: usize = PACKET_SIZE - 4;
 
-const NAL_IDR: u8 = 5;
-const NAL_SPS: u8 = 7;
-const NAL_PPS: u8 = 8;
-const NAL_AUD: u8 = 9;
 /// An AUD with primary_pic_type 7 (any slice type) and its stop bit.
-const AUD_NAL: [u8; 6] = [0, 0, 0, 1, NAL_AUD, 0xF0];
+const AUD_NAL: [u8; 2] = [NAL_AUD, 0xF0];
 const START_CODE: [u8; 4] = [0, 0, 0, 1];
 
 const ADTS_HEADER_LEN: usize = 7;
@@ -166,16 +164,18 @@ impl TsMuxer {
                 let adts = AdtsConfig::new(asc, *sample_rate, *channels)?;
                 (AUDIO_PID, audio_pes(frame, &adts)?, true)
             }
-            CodecParams::Opus { .. } => return Err(TsError::UnsupportedCodec(codec)),
+            _ => return Err(TsError::UnsupportedCodec(codec)),
         };
         let pcr = (pid == self.pcr_pid()).then(|| to_ts_clock(frame.dts.wrapping_sub(PCR_LEAD)));
-        let mut first = Some(AdaptationFields { random_access, pcr });
+        // Only the first packet of the PES signals anything.
+        let fields =
+            (random_access || pcr.is_some()).then_some(AdaptationFields { random_access, pcr });
         let mut rest = pes.as_slice();
         let mut unit_start = true;
         while !rest.is_empty() {
-            let fields = first.take().filter(|f| f.random_access || f.pcr.is_some());
             let cc = self.continuity.next(pid);
-            let used = write_packet(out, pid, cc, unit_start, fields.as_ref(), rest);
+            let first_fields = fields.as_ref().filter(|_| unit_start);
+            let used = write_packet(out, pid, cc, unit_start, first_fields, rest);
             rest = rest.get(used..).unwrap_or_default();
             unit_start = false;
         }
@@ -358,81 +358,27 @@ fn pes_header(stream_id: u8, frame: &Frame, payload_len: Option<usize>) -> Vec<u
 /// Builds the PES packet of one H264 access unit: AUD first, SPS and PPS in
 /// front of an IDR that lacks them. Also says whether the unit has an IDR.
 fn video_pes(frame: &Frame, sps: &[u8], pps: &[u8]) -> Result<(Vec<u8>, bool), TsError> {
-    let data = &frame.data[..];
-    let nals = nal_units(data);
-    let first = nals.first().ok_or(TsError::EmptyAccessUnit)?;
-    let has = |nal_type: u8| nals.iter().any(|n| n.nal_type() == nal_type);
+    let nals: Vec<&[u8]> = split_annexb(&frame.data).collect();
+    let has = |wanted: u8| nals.iter().any(|nal| nal_type(nal) == wanted);
     let has_idr = has(NAL_IDR);
     let add_params = (frame.key || has_idr)
         && !(has(NAL_SPS) && has(NAL_PPS))
         && !sps.is_empty()
         && !pps.is_empty();
-    // Insert after an existing AUD, or at the very start behind our own.
-    let (head, tail) = if first.nal_type() == NAL_AUD {
-        let split = nals.get(1).map_or(data.len(), |n| n.start_code_at);
-        data.split_at(split)
-    } else {
-        (&AUD_NAL[..], data)
+    let (aud, rest) = match nals.split_first() {
+        None => return Err(TsError::EmptyAccessUnit),
+        Some((first, rest)) if nal_type(first) == NAL_AUD => (*first, rest),
+        Some(_) => (&AUD_NAL[..], &nals[..]),
     };
 
     let mut pes = pes_header(STREAM_ID_VIDEO, frame, None);
-    pes.reserve(head.len() + tail.len() + sps.len() + pps.len() + 8);
-    pes.extend_from_slice(head);
-    if add_params {
-        for nal in [sps, pps] {
-            pes.extend_from_slice(&START_CODE);
-            pes.extend_from_slice(nal);
-        }
+    pes.reserve(frame.data.len() + sps.len() + pps.len() + 4 * (nals.len() + 3));
+    let params: &[&[u8]] = if add_params { &[sps, pps] } else { &[] };
+    for nal in std::iter::once(&aud).chain(params).chain(rest) {
+        pes.extend_from_slice(&START_CODE);
+        pes.extend_from_slice(nal);
     }
-    pes.extend_from_slice(tail);
     Ok((pes, has_idr))
-}
-
-/// One NAL unit found in an Annex B buffer.
-#[derive(Debug, Clone, Copy)]
-struct NalUnit<'a> {
-    /// Offset of the start code (its first zero byte) in the buffer.
-    start_code_at: usize,
-    /// The NAL unit without its start code or trailing zero bytes.
-    body: &'a [u8],
-}
-
-impl NalUnit<'_> {
-    fn nal_type(&self) -> u8 {
-        self.body.first().map_or(0, |b| b & 0x1F)
-    }
-}
-
-/// Splits an Annex B buffer on its 3- and 4-byte start codes. Bytes before the
-/// first start code and empty units are skipped.
-fn nal_units(data: &[u8]) -> Vec<NalUnit<'_>> {
-    // (start code offset, first byte after the start code)
-    let mut codes = Vec::new();
-    let mut i = 0;
-    while i + 3 <= data.len() {
-        if data[i] == 0 && data[i + 1] == 0 && data[i + 2] == 1 {
-            let at = if i > 0 && data[i - 1] == 0 { i - 1 } else { i };
-            codes.push((at, i + 3));
-            i += 3;
-        } else {
-            i += 1;
-        }
-    }
-    let mut units = Vec::with_capacity(codes.len());
-    for (index, &(start_code_at, body_start)) in codes.iter().enumerate() {
-        let end = codes.get(index + 1).map_or(data.len(), |next| next.0);
-        let mut body = data.get(body_start..end).unwrap_or_default();
-        while let [rest @ .., 0] = body {
-            body = rest;
-        }
-        if !body.is_empty() {
-            units.push(NalUnit {
-                start_code_at,
-                body,
-            });
-        }
-    }
-    units
 }
 
 /// Builds the PES packet of one raw AAC frame behind its ADTS header.
@@ -668,11 +614,12 @@ pub(crate) mod tests {
             | u64::from(b[4] >> 1)
     }
 
-    /// Reassembles the PES packets of the elementary stream PIDs.
+    /// Reassembles the PES packets of the elementary stream PIDs, in the
+    /// order they start.
     pub(crate) fn parse_pes(ts: &[u8]) -> Vec<Pes> {
         let mut done = Vec::new();
-        let mut open: HashMap<u16, (Packet, Vec<u8>)> = HashMap::new();
-        let mut finish = |first: Packet, data: Vec<u8>, done: &mut Vec<Pes>| {
+        let mut open: HashMap<u16, (usize, Packet, Vec<u8>)> = HashMap::new();
+        let finish = |at: usize, first: Packet, data: Vec<u8>, done: &mut Vec<(usize, Pes)>| {
             assert_eq!(&data[..3], &[0, 0, 1]);
             let declared = usize::from(u16::from_be_bytes([data[4], data[5]]));
             let flags = data[7];
@@ -682,35 +629,37 @@ pub(crate) mod tests {
             if declared != 0 {
                 assert_eq!(declared, data.len() - 6, "PES_packet_length");
             }
-            done.push(Pes {
-                pid: first.pid,
-                pts,
-                dts,
-                random_access: first.random_access(),
-                pcr: first.pcr(),
-                payload: data[9 + header_len..].to_vec(),
-            });
+            done.push((
+                at,
+                Pes {
+                    pid: first.pid,
+                    pts,
+                    dts,
+                    random_access: first.random_access(),
+                    pcr: first.pcr(),
+                    payload: data[9 + header_len..].to_vec(),
+                },
+            ));
         };
-        for packet in parse_packets(ts) {
+        for (at, packet) in parse_packets(ts).into_iter().enumerate() {
             if packet.pid == PAT_PID || packet.pid == PMT_PID {
                 continue;
             }
             if packet.unit_start {
-                if let Some((first, data)) = open.remove(&packet.pid) {
-                    finish(first, data, &mut done);
+                if let Some((start, first, data)) = open.remove(&packet.pid) {
+                    finish(start, first, data, &mut done);
                 }
                 let data = packet.payload.clone();
-                open.insert(packet.pid, (packet, data));
-            } else if let Some((_, data)) = open.get_mut(&packet.pid) {
+                open.insert(packet.pid, (at, packet, data));
+            } else if let Some((_, _, data)) = open.get_mut(&packet.pid) {
                 data.extend_from_slice(&packet.payload);
             }
         }
-        let mut rest: Vec<_> = open.into_values().collect();
-        rest.sort_by_key(|(first, _)| first.pid);
-        for (first, data) in rest {
-            finish(first, data, &mut done);
+        for (start, first, data) in open.into_values() {
+            finish(start, first, data, &mut done);
         }
-        done
+        done.sort_by_key(|(at, _)| *at);
+        done.into_iter().map(|(_, pes)| pes).collect()
     }
 
     pub(crate) fn h264_params() -> Arc<CodecParams> {
@@ -799,7 +748,12 @@ pub(crate) mod tests {
     #[test]
     fn tables_list_only_existing_tracks_with_valid_crc() {
         for (has_video, has_audio, streams, pcr_pid) in [
-            (true, true, vec![(0x1B, VIDEO_PID), (0x0F, AUDIO_PID)], VIDEO_PID),
+            (
+                true,
+                true,
+                vec![(0x1B, VIDEO_PID), (0x0F, AUDIO_PID)],
+                VIDEO_PID,
+            ),
             (true, false, vec![(0x1B, VIDEO_PID)], VIDEO_PID),
             (false, true, vec![(0x0F, AUDIO_PID)], AUDIO_PID),
         ] {
@@ -838,7 +792,11 @@ pub(crate) mod tests {
         let pes = parse_pes(&mux(&mut TsMuxer::new(true, true), &av_frames()));
         let video: Vec<&Pes> = pes.iter().filter(|p| p.pid == VIDEO_PID).collect();
         assert_eq!(video.len(), 60);
-        assert!(pes.iter().filter(|p| p.pid == AUDIO_PID).all(|p| p.pcr.is_none()));
+        assert!(
+            pes.iter()
+                .filter(|p| p.pid == AUDIO_PID)
+                .all(|p| p.pcr.is_none())
+        );
         let mut last_pcr = 0;
         for p in video {
             let pcr = p.pcr.expect("PCR on the leading track");
@@ -870,12 +828,18 @@ pub(crate) mod tests {
         let video = h264_params();
         let mut frame = video_frame(6000, false, &video);
         frame.dts = 3000;
-        let pes = parse_pes(&mux(&mut TsMuxer::new(true, false), &[(TrackKind::Video, frame)]));
+        let pes = parse_pes(&mux(
+            &mut TsMuxer::new(true, false),
+            &[(TrackKind::Video, frame)],
+        ));
         assert_eq!(pes[0].pts, 96_000);
         assert_eq!(pes[0].dts, Some(93_000));
         // Without B-frames, DTS is left out.
         let frame = video_frame(6000, false, &video);
-        let pes = parse_pes(&mux(&mut TsMuxer::new(true, false), &[(TrackKind::Video, frame)]));
+        let pes = parse_pes(&mux(
+            &mut TsMuxer::new(true, false),
+            &[(TrackKind::Video, frame)],
+        ));
         assert_eq!((pes[0].pts, pes[0].dts), (96_000, None));
     }
 
@@ -895,8 +859,14 @@ pub(crate) mod tests {
 
         let audio = aac_params();
         let frame = audio_frame(0, &audio);
-        let pes = parse_pes(&mux(&mut TsMuxer::new(false, true), &[(TrackKind::Audio, frame)]));
-        assert_eq!(pes[0].payload[..7], [0xFF, 0xF1, 0x4C, 0x80, 0x02, 0x7F, 0xFC]);
+        let pes = parse_pes(&mux(
+            &mut TsMuxer::new(false, true),
+            &[(TrackKind::Audio, frame)],
+        ));
+        assert_eq!(
+            pes[0].payload[..7],
+            [0xFF, 0xF1, 0x4C, 0x80, 0x01, 0xBF, 0xFC]
+        );
         assert_eq!(pes[0].payload[7..], [0x21, 0x10, 0x04, 0x60, 0x8C, 0x1C]);
         assert!(pes[0].random_access);
     }
@@ -905,10 +875,16 @@ pub(crate) mod tests {
     fn adts_config_variants() {
         // HE-AAC with explicit SBR: core AAC-LC at 24 kHz, stereo.
         let he = AdtsConfig::new(&[0x2B, 0x11, 0x88], 48000, 2).expect("HE-AAC");
-        assert_eq!((he.profile, he.sampling_index, he.channel_config), (1, 6, 2));
+        assert_eq!(
+            (he.profile, he.sampling_index, he.channel_config),
+            (1, 6, 2)
+        );
         // No ASC: AAC-LC from the rate and channel count.
         let bare = AdtsConfig::new(&[], 44100, 1).expect("fallback");
-        assert_eq!((bare.profile, bare.sampling_index, bare.channel_config), (1, 4, 1));
+        assert_eq!(
+            (bare.profile, bare.sampling_index, bare.channel_config),
+            (1, 4, 1)
+        );
         // Broken or inexpressible configs are errors, not panics.
         for asc in [&[0x11][..], &[0xF8, 0x00], &[0x17, 0x80], &[0x11, 0xF8]] {
             assert!(AdtsConfig::new(asc, 48000, 2).is_err(), "{asc:02x?}");
@@ -918,29 +894,37 @@ pub(crate) mod tests {
 
     #[test]
     fn h264_gets_aud_and_parameter_sets_on_idr() {
+        /// NAL units behind 4-byte start codes.
+        fn annex_b(nals: &[&[u8]]) -> Vec<u8> {
+            nals.iter()
+                .flat_map(|nal| [&START_CODE[..], nal].concat())
+                .collect()
+        }
         let video = h264_params();
+        let (sps, pps): (&[u8], &[u8]) =
+            (&[0x67, 0x42, 0xC0, 0x1E, 0xD9], &[0x68, 0xCE, 0x3C, 0x80]);
+        let (idr, slice): (&[u8], &[u8]) =
+            (&[0x65, 0x88, 0x84, 0x00, 0x33], &[0x41, 0x9A, 0x02, 0x04]);
+        let own_aud: &[u8] = &[9, 0x10];
+
         let key = video_frame(0, true, &video);
         let delta = video_frame(3000, false, &video);
         let mut with_aud = video_frame(6000, true, &video);
-        with_aud.data = Bytes::from_static(&[0, 0, 0, 1, 9, 0x10, 0, 0, 1, 0x65, 0x88]);
+        // A 3-byte start code in front of the slice.
+        with_aud.data = Bytes::from([&annex_b(&[own_aud])[..], &[0, 0, 1], idr].concat());
         let mut complete = video_frame(9000, true, &video);
-        complete.data = Bytes::from_static(&[
-            0, 0, 0, 1, 9, 0x10, 0, 0, 0, 1, 0x67, 1, 0, 0, 0, 1, 0x68, 2, 0, 0, 1, 0x65, 3,
-        ]);
+        complete.data = Bytes::from(annex_b(&[own_aud, &[0x67, 1], &[0x68, 2], idr]));
         let frames = [key, delta, with_aud, complete.clone()].map(|f| (TrackKind::Video, f));
         let pes = parse_pes(&mux(&mut TsMuxer::new(true, false), &frames));
-        let params = [
-            0, 0, 0, 1, 0x67, 0x42, 0xC0, 0x1E, 0xD9, 0, 0, 0, 1, 0x68, 0xCE, 0x3C, 0x80,
-        ];
-        let expected: [Vec<u8>; 4] = [
-            [&AUD_NAL[..], &params, &[0, 0, 0, 1, 0x65, 0x88, 0x84, 0x00, 0x33]].concat(),
-            [&AUD_NAL[..], &[0, 0, 1, 0x41, 0x9A, 0x02, 0x04]].concat(),
-            [&[0, 0, 0, 1, 9, 0x10][..], &params, &[0, 0, 1, 0x65, 0x88]].concat(),
+
+        let expected = [
+            annex_b(&[&AUD_NAL, sps, pps, idr]),
+            annex_b(&[&AUD_NAL, slice]),
+            annex_b(&[own_aud, sps, pps, idr]),
             complete.data.to_vec(),
         ];
-        for (pes, expected) in pes.iter().zip(expected) {
-            assert_eq!(pes.payload, expected);
-        }
+        let payloads: Vec<Vec<u8>> = pes.iter().map(|p| p.payload.clone()).collect();
+        assert_eq!(payloads, expected);
         let random_access: Vec<bool> = pes.iter().map(|p| p.random_access).collect();
         assert_eq!(random_access, [true, false, true, true]);
     }
@@ -986,7 +970,11 @@ pub(crate) mod tests {
         let mut huge = audio_frame(0, &aac_params());
         huge.data = Bytes::from(vec![0; 9000]);
         let cases = [
-            (TrackKind::Audio, audio_frame(0, &aac_params()), TsError::UndeclaredTrack(TrackKind::Audio)),
+            (
+                TrackKind::Audio,
+                audio_frame(0, &aac_params()),
+                TsError::UndeclaredTrack(TrackKind::Audio),
+            ),
             (
                 TrackKind::Video,
                 audio_frame(0, &aac_params()),
@@ -1010,14 +998,5 @@ pub(crate) mod tests {
             Err(TsError::AacFrameTooLarge(9000))
         );
         assert!(out.is_empty());
-    }
-
-    #[test]
-    fn nal_splitting_handles_odd_input() {
-        let types = |data: &[u8]| -> Vec<u8> { nal_units(data).iter().map(|n| n.nal_type()).collect() };
-        assert_eq!(types(&[]), Vec::<u8>::new());
-        assert_eq!(types(&[0, 0, 1]), Vec::<u8>::new());
-        assert_eq!(types(&[0xAA, 0, 0, 1, 0x65, 0, 0, 0, 0, 1, 0x41]), [5, 1]);
-        assert_eq!(types(&[0, 0, 0, 0, 1, 0x67, 0, 0, 1]), [7]);
     }
 }

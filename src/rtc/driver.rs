@@ -167,7 +167,7 @@ impl Driver {
                             publication,
                             video_mid: None,
                             audio_mid: None,
-                            ingest: Ingest::new(),
+                            ingest: Ingest::new(2),
                             last_input: Instant::now(),
                             on_close: Some(on_close),
                             commands: self.commands_tx.clone(),
@@ -349,12 +349,12 @@ fn poll_session(
         match output {
             Output::Timeout(t) => return Ok(Some(t)),
             Output::Transmit(t) => out.push((t.contents.to_vec(), t.destination)),
-            Output::Event(e) => on_event(s, e, now)?,
+            Output::Event(e) => on_event(s, e)?,
         }
     }
 }
 
-fn on_event(s: &mut Session, event: Event, now: Instant) -> Result<(), String> {
+fn on_event(s: &mut Session, event: Event) -> Result<(), String> {
     let _g = s.span.enter();
     match event {
         Event::Connected => {
@@ -387,8 +387,8 @@ fn on_event(s: &mut Session, event: Event, now: Instant) -> Result<(), String> {
             } else {
                 return Ok(());
             };
-            let out = s.ingest.push(now, kind, &d);
-            for frame in out.frames {
+            let out = s.ingest.push(kind, &d);
+            if let Some(frame) = out.frame {
                 s.hub.publish(s.publication, frame);
             }
             if out.want_keyframe {

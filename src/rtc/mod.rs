@@ -101,9 +101,10 @@ impl RtcHandle {
     }
 }
 
-/// A random identifier of `bytes` bytes from the OS CSPRNG, hex encoded.
+/// A random identifier of `bytes` bytes from a CSPRNG (ChaCha seeded by the
+/// OS), hex encoded.
 pub fn random_id(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
-    rand::rngs::OsRng.fill_bytes(&mut buf);
+    rand::rng().fill_bytes(&mut buf);
     hex::encode(buf)
 }
