@@ -275,16 +275,18 @@ impl Config {
             }
         }
         for (i, a) in self.webrtc.public_addresses.iter().enumerate() {
-            if a.parse::<IpAddr>().is_err() && (a.is_empty() || a.contains(char::is_whitespace))
-            {
+            if a.parse::<IpAddr>().is_err() && (a.is_empty() || a.contains(char::is_whitespace)) {
                 return Err(invalid(
                     format!("webrtc.public_addresses[{i}]"),
                     format!("`{a}` is neither an IP address nor a host name"),
                 ));
             }
         }
-        let streams = std::iter::once(("stream_defaults".to_owned(), &self.stream_defaults))
-            .chain(self.streams.iter().map(|(n, s)| (format!("streams.{n}"), s)));
+        let streams = std::iter::once(("stream_defaults".to_owned(), &self.stream_defaults)).chain(
+            self.streams
+                .iter()
+                .map(|(n, s)| (format!("streams.{n}"), s)),
+        );
         for (key, s) in streams {
             if s.tokens.iter().any(|t| t.len() < 8) {
                 return Err(invalid(
@@ -381,7 +383,12 @@ mod tests {
         let e = c.validate().unwrap_err();
         assert!(e.to_string().contains("hls.segment_duration"), "{e}");
         let c = Config::parse("[streams.a]\ntokens = [\"short\"]\n", "t").unwrap();
-        assert!(c.validate().unwrap_err().to_string().contains("streams.a.tokens"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("streams.a.tokens")
+        );
         let c = Config::parse("[[webrtc.ice_servers]]\nurls = [\"http://x\"]\n", "t").unwrap();
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("webrtc.ice_servers[0].urls"), "{e}");

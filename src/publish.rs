@@ -120,15 +120,11 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
         Some(d) => Some(Duration::try_from_secs_f64(d).context("--duration is out of range")?),
         None => None,
     };
-    let opts = PublishOptions {
-        file: args.file,
-        url: args.url,
-        token: args.token,
-        loop_: args.loop_,
-        connect_timeout: Duration::try_from_secs_f64(args.connect_timeout)
-            .context("--connect-timeout is out of range")?,
-        progress_interval: Duration::from_secs(5),
-    };
+    let mut opts = PublishOptions::new(args.file, args.url);
+    opts.token = args.token;
+    opts.loop_ = args.loop_;
+    opts.connect_timeout = Duration::try_from_secs_f64(args.connect_timeout)
+        .context("--connect-timeout is out of range")?;
     let shutdown = async move {
         let limit = async {
             match limit {
@@ -145,12 +141,17 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
         }
     };
     let stats = publish(opts, shutdown).await?;
+    if stats.location.is_some() && !stats.connected {
+        warn!("the WHIP session never connected");
+    }
     info!(
         video_frames = stats.video_frames,
+        keyframes = stats.keyframes,
         audio_frames = stats.audio_frames,
         bytes = stats.bytes,
         loops = stats.loops,
         keyframe_requests = stats.keyframe_requests,
+        whole_file = stats.finished,
         "publish done after {:.1} s of media",
         stats.media_time.as_secs_f64()
     );
@@ -745,12 +746,16 @@ impl Driver<'_> {
                     }
                     Event::KeyframeRequest(req) => {
                         self.stats.keyframe_requests += 1;
-                        info!(
-                            mid = %req.mid,
-                            kind = ?req.kind,
-                            "server asked for a keyframe; the next one comes from the file \
-                             (publish does not re-encode)"
-                        );
+                        if self.stats.keyframe_requests == 1 {
+                            info!(
+                                mid = %req.mid,
+                                kind = ?req.kind,
+                                "server asked for a keyframe; keyframes come from the file \
+                                 (publish does not re-encode), further requests logged at debug"
+                            );
+                        } else {
+                            debug!(mid = %req.mid, kind = ?req.kind, "keyframe request");
+                        }
                     }
                     other => debug!("event {other:?}"),
                 },
@@ -831,6 +836,7 @@ impl Driver<'_> {
             keyframes = self.stats.keyframes,
             audio_frames = self.stats.audio_frames,
             bytes = self.stats.bytes,
+            keyframe_requests = self.stats.keyframe_requests,
             "{secs:.0} s sent, {kbps:.0} kbit/s"
         );
     }
@@ -1026,7 +1032,7 @@ impl Demuxer {
                     }
                 }
                 None if loop_ && sent_this_pass > 0 => {
-                    info!("end of file, starting over (pass {})", self.loops + 2);
+                    info!("end of file, starting over (pass {})", self.loops() + 2);
                     self.restart()?;
                     sent_this_pass = 0;
                 }

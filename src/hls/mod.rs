@@ -4,7 +4,7 @@
 //! clock come in as arguments, bytes and playlist text go out. The caller
 //! (`output`) owns storage and timing.
 
+pub mod output;
 pub mod playlist;
 pub mod segmenter;
 pub mod ts;
-pub mod output;

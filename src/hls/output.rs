@@ -16,7 +16,7 @@ use super::playlist::{Playlist, PlaylistConfig};
 use super::segmenter::{Segment, Segmenter, SegmenterConfig};
 use crate::config::HlsConfig;
 use crate::hub::{Hub, HubFrame, Publication};
-use crate::media::frame::Codec;
+use crate::media::frame::{CLOCK_HZ, Codec};
 
 /// Frames queued for the HLS writer before it drops (about 10 s of media).
 const QUEUE: usize = 1024;
@@ -31,6 +31,12 @@ struct Output {
     /// The last publication that ended: its late frames (the audio
     /// transcoder's flush) are ignored.
     ended: Option<u64>,
+    /// Added to the current publication's timestamps so that the HLS
+    /// timeline goes on across publishers (players and ffmpeg want
+    /// monotonic timestamps even across a discontinuity).
+    ts_offset: i64,
+    /// Latest timestamp written, with the offset.
+    ts_last: i64,
     /// Sequence number the current publication's segment 0 gets.
     sequence_base: u64,
     /// Segment files still on disk, oldest first.
@@ -59,6 +65,8 @@ pub async fn run(
         config,
         current: None,
         ended: None,
+        ts_offset: 0,
+        ts_last: 0,
         sequence_base: 0,
         on_disk: VecDeque::new(),
     };
@@ -93,7 +101,10 @@ pub async fn run(
 
 impl Output {
     async fn frame(&mut self, hf: HubFrame, span: &tracing::Span) {
-        let HubFrame { publication, frame } = hf;
+        let HubFrame {
+            publication,
+            mut frame,
+        } = hf;
         if self.ended == Some(publication.id) {
             return;
         }
@@ -108,8 +119,15 @@ impl Output {
                 publication.audio,
             );
             self.sequence_base = self.playlist.next_sequence();
+            if self.sequence_base > 0 {
+                // Start a second after the last publication's end.
+                self.ts_offset = self.ts_last + CLOCK_HZ;
+            }
             self.current = Some((publication, segmenter));
         }
+        frame.pts += self.ts_offset;
+        frame.dts += self.ts_offset;
+        self.ts_last = self.ts_last.max(frame.pts);
         let Some((_, segmenter)) = self.current.as_mut() else {
             return;
         };

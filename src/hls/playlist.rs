@@ -3,8 +3,9 @@
 //! Every segment carries `EXT-X-PROGRAM-DATE-TIME` (RFC 3339, milliseconds,
 //! UTC); a segment after a break carries `EXT-X-DISCONTINUITY`, and
 //! `EXT-X-DISCONTINUITY-SEQUENCE` counts the breaks that slid out of the
-//! window. `EXT-X-TARGETDURATION` is the ceiling of the longest segment ever
-//! pushed, and never below the configured target, so it never shrinks.
+//! window. `EXT-X-TARGETDURATION` is the longest segment ever pushed rounded
+//! to the nearest second (RFC 8216 §4.3.3.1 compares rounded `EXTINF`s with
+//! it), never below the configured target, so it never shrinks.
 //!
 //! `m3u8-rs` leaves out `EXT-X-MEDIA-SEQUENCE` and
 //! `EXT-X-DISCONTINUITY-SEQUENCE` while they are 0, which the HLS spec
@@ -129,7 +130,11 @@ impl Playlist {
 
     /// `EXT-X-TARGETDURATION` in seconds.
     pub fn target_duration(&self) -> u64 {
-        self.longest_ms.div_ceil(1000).max(self.min_target_secs)
+        self.longest_ms
+            .saturating_add(500)
+            .checked_div(1000)
+            .unwrap_or(0)
+            .max(self.min_target_secs)
     }
 
     /// The playlist text.
@@ -233,11 +238,11 @@ mod tests {
                 "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:2\n",
             ),
             (
-                "two segments, target rounded up",
+                "two segments, target is the rounded longest",
                 PlaylistConfig::default(),
                 vec![segment(0, 2.0, false), segment(1, 2.0333, false)],
                 false,
-                "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:3\n\
+                "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:2\n\
                  #EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:20.000Z\n#EXTINF:2,\nseg0.ts\n\
                  #EXT-X-PROGRAM-DATE-TIME:2023-11-14T22:13:22.000Z\n#EXTINF:2.033,\nseg1.ts\n",
             ),
@@ -357,10 +362,12 @@ mod tests {
         });
         let _ = playlist.push(&segment(0, 7.2, false));
         let _ = playlist.push(&segment(1, 2.0, false));
+        assert_eq!(playlist.target_duration(), 7);
+        let _ = playlist.push(&segment(2, 7.6, false));
         assert_eq!(playlist.target_duration(), 8);
         playlist.end();
         assert!(playlist.is_ended());
-        let _ = playlist.push(&segment(2, 2.0, true));
+        let _ = playlist.push(&segment(3, 2.0, true));
         assert!(!playlist.is_ended());
         assert!(!playlist.render().contains("ENDLIST"));
         // Nonsense durations are listed as 0 rather than breaking anything.

@@ -48,9 +48,9 @@ impl Ingest {
             );
         }
         let arrival: Instant = d.network_time;
-        let Some(pts) =
-            self.timeline
-                .map(kind, d.time.denom(), d.time.numer() as u32, arrival)
+        let Some(pts) = self
+            .timeline
+            .map(kind, d.time.denom(), d.time.numer() as u32, arrival)
         else {
             return Ingested {
                 frame: None,

@@ -233,7 +233,10 @@ mod tests {
             .collect();
         assert_eq!(
             h,
-            vec![(102, Some(103), Some(0x42001f)), (127, Some(121), Some(0x640032))]
+            vec![
+                (102, Some(103), Some(0x42001f)),
+                (127, Some(121), Some(0x640032))
+            ]
         );
         assert_eq!(a.audio.unwrap().opus().unwrap().pt, 111);
     }
@@ -245,10 +248,13 @@ mod tests {
             check(parse(&recv).unwrap()),
             Err(OfferError::Unacceptable(_))
         ));
-        let vp8_only = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=sendonly\r\na=rtpmap:96 VP8/90000\r\n";
+        let vp8_only =
+            "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=sendonly\r\na=rtpmap:96 VP8/90000\r\n";
         let e = check(parse(vp8_only).unwrap()).unwrap_err();
         assert!(e.to_string().contains("H264"), "{e}");
-        let two = format!("{CHROME}m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendonly\r\na=rtpmap:111 opus/48000/2\r\n");
+        let two = format!(
+            "{CHROME}m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendonly\r\na=rtpmap:111 opus/48000/2\r\n"
+        );
         assert!(check(parse(&two).unwrap()).is_err());
     }
 

@@ -1,0 +1,14 @@
+//! whipgate: WHIP (WebRTC) ingest to HLS. The binary (`main.rs`) is a thin
+//! CLI over this library.
+
+pub mod config;
+pub mod error;
+pub mod hls;
+pub mod http;
+pub mod hub;
+pub mod media;
+pub mod publish;
+pub mod rtc;
+pub mod server;
+pub mod streams;
+pub mod transcode;

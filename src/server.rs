@@ -1,0 +1,80 @@
+//! `whipgate serve`: binds the sockets, runs HTTP and WebRTC until SIGTERM
+//! or SIGINT, then closes every session and finishes every playlist.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::{http, rtc, streams};
+
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let candidate_ips = config.candidate_ips()?;
+    anyhow::ensure!(
+        !candidate_ips.is_empty(),
+        "no address to advertise in ICE candidates: set webrtc.public_addresses"
+    );
+    std::fs::create_dir_all(config.server.data_dir.join("hls")).with_context(|| {
+        format!(
+            "creating the data directory {}",
+            config.server.data_dir.display()
+        )
+    })?;
+    let rtc = rtc::RtcHandle::start(
+        config.webrtc.udp_listen,
+        candidate_ips.clone(),
+        std::time::Duration::from_secs_f64(config.webrtc.idle_timeout),
+    )
+    .await
+    .with_context(|| format!("binding WebRTC UDP {}", config.webrtc.udp_listen))?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let streams = streams::Streams::new(config.clone(), shutdown_rx);
+    let app = http::router(http::AppState {
+        streams: streams.clone(),
+        rtc: rtc.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(config.server.http_listen)
+        .await
+        .with_context(|| format!("binding HTTP {}", config.server.http_listen))?;
+    tracing::info!(
+        http = %listener.local_addr()?,
+        webrtc_udp = %rtc.local_addr(),
+        candidates = ?candidate_ips,
+        "whipgate listening; publish to http://HOST:PORT/whip/STREAM, watch /hls/STREAM/index.m3u8"
+    );
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await?;
+    tracing::info!("shutting down: closing sessions and finishing playlists");
+    rtc.shutdown().await;
+    let _ = shutdown_tx.send(true);
+    streams.join_outputs().await;
+    tracing::info!("bye");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,207 @@
+//! End to end: the real server binary, real WebRTC publishers (webrtc-rs, an
+//! independent stack, and `whipgate publish`), and the HLS checked with
+//! ffprobe and a full ffmpeg decode.
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use support::server::{
+    MediaPlaylist, Server, ffmpeg_decode_errors, ffprobe_streams, read_playlist, sample_mkv,
+    wait_for,
+};
+use support::webrtc_publisher::{PublishOpts, extract_sample, publish};
+
+fn opts(server: &Server, stream: &str, dir: &Path, secs: u64) -> anyhow::Result<PublishOpts> {
+    let (h264, ogg) = extract_sample(dir)?;
+    Ok(PublishOpts {
+        url: server.url(&format!("/whip/{stream}")),
+        token: None,
+        h264_annexb: h264,
+        ogg_opus: ogg,
+        duration: Duration::from_secs(secs),
+        video: true,
+        audio: true,
+        delete_at_end: true,
+    })
+}
+
+fn total(p: &MediaPlaylist) -> f64 {
+    p.segments.iter().map(|s| s.1).sum()
+}
+
+/// Waits (bounded) for the playlist to get `EXT-X-ENDLIST`, written once the
+/// last segment is flushed after the publisher left.
+async fn ended_playlist(server: &Server, stream: &str) -> MediaPlaylist {
+    let path = server.hls_dir(stream).join("index.m3u8");
+    wait_for("EXT-X-ENDLIST", Duration::from_secs(5), || {
+        read_playlist(&path).ok().filter(|p| p.ended)
+    })
+    .await
+    .unwrap()
+}
+
+/// The checks every finished publication must pass.
+async fn check_hls(
+    server: &Server,
+    stream: &str,
+    sent_secs: f64,
+    codecs: &[&str],
+) -> MediaPlaylist {
+    let playlist = ended_playlist(server, stream).await;
+    let listed = total(&playlist);
+    assert!(
+        (listed - sent_secs).abs() <= sent_secs * 0.1,
+        "listed {listed:.3} s, sent {sent_secs} s: {playlist:?}"
+    );
+    assert_eq!(playlist.target_duration, 2, "{playlist:?}");
+    for (uri, d) in &playlist.segments {
+        assert!(
+            d.round() as u64 <= playlist.target_duration,
+            "{uri} lasts {d} s, over the target duration"
+        );
+    }
+    assert_eq!(playlist.program_date_times, playlist.segments.len());
+
+    let url = server.url(&format!("/hls/{stream}/index.m3u8"));
+    let streams = ffprobe_streams(&url).unwrap();
+    let found: Vec<_> = streams.iter().map(|s| s.codec.as_str()).collect();
+    assert_eq!(found, codecs, "streams in the HLS");
+    if let Some(v) = streams.iter().find(|s| s.codec == "h264") {
+        assert_eq!((v.width, v.height), (Some(640), Some(360)));
+    }
+    if streams.len() == 2 {
+        let skew = (streams[0].start_time - streams[1].start_time).abs();
+        assert!(
+            skew <= 0.1,
+            "audio and video start {skew:.3} s apart: {streams:?}"
+        );
+    }
+    let errors = ffmpeg_decode_errors(&url).unwrap();
+    assert!(errors.trim().is_empty(), "decode errors:\n{errors}");
+    playlist
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webrtc_rs_publication_becomes_clean_hls() {
+    let server = Server::start("").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let o = opts(&server, "cam", tmp.path(), 8).unwrap();
+    let started = Instant::now();
+    let hls_dir = server.hls_dir("cam");
+    // Watch for the first playlist while publishing, to measure latency.
+    let first_segment = tokio::spawn(async move {
+        wait_for("first segment", Duration::from_secs(20), || {
+            hls_dir.join("index.m3u8").exists().then(Instant::now)
+        })
+        .await
+    });
+    let report = publish(o).await.unwrap();
+    let first = first_segment.await.unwrap().unwrap();
+    assert!(report.location.contains("/whip/cam/"));
+    assert_eq!(report.video_frames_sent, 240);
+    let connected = started + report.post_to_201 + report.connected_after.unwrap_or_default();
+    eprintln!(
+        "POST->201 {:?}; connected -> first segment listed {:?}",
+        report.post_to_201,
+        first.saturating_duration_since(connected)
+    );
+    check_hls(&server, "cam", 8.0, &["h264", "aac"]).await;
+    assert!(!server.log().contains("panicked"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whipgate_publish_cli_becomes_clean_hls() {
+    let server = Server::start("").unwrap();
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_whipgate"))
+        .arg("publish")
+        .arg(sample_mkv())
+        .arg(server.url("/whip/file"))
+        .env("WHIPGATE_LOG", "warn")
+        .status();
+    let status = tokio::time::timeout(Duration::from_secs(30), status)
+        .await
+        .expect("publish finished in time")
+        .unwrap();
+    assert!(status.success(), "whipgate publish: {status}");
+    check_hls(&server, "file", 10.0, &["h264", "aac"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audio_only_and_video_only_publications_have_just_their_track() {
+    let server = Server::start("").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut audio = opts(&server, "audio", tmp.path(), 5).unwrap();
+    audio.video = false;
+    let mut video = opts(&server, "video", tmp.path(), 5).unwrap();
+    video.audio = false;
+    let (a, v) = tokio::join!(publish(audio), publish(video));
+    a.unwrap();
+    v.unwrap();
+    check_hls(&server, "audio", 5.0, &["aac"]).await;
+    check_hls(&server, "video", 5.0, &["h264"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publisher_coming_back_continues_with_a_discontinuity() {
+    let server = Server::start("").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    publish(opts(&server, "again", tmp.path(), 4).unwrap())
+        .await
+        .unwrap();
+    let first = ended_playlist(&server, "again").await;
+    publish(opts(&server, "again", tmp.path(), 4).unwrap())
+        .await
+        .unwrap();
+    let playlist = check_hls(&server, "again", 8.0, &["h264", "aac"]).await;
+    assert_eq!(playlist.discontinuities, 1, "{playlist:?}");
+    assert!(
+        playlist.segments[0].0 == first.segments[0].0,
+        "sequence goes on"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vanished_publisher_is_replaced_and_sigterm_ends_playlists() {
+    let mut server = Server::start("").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    // A publisher that disappears without DELETE.
+    let mut gone = opts(&server, "live", tmp.path(), 3).unwrap();
+    gone.delete_at_end = false;
+    publish(gone).await.unwrap();
+    // A new publisher on the same stream gets in once the old one is
+    // detected as gone (ICE/DTLS close, or media stopped: stale takeover).
+    let started = Instant::now();
+    let mut next = opts(&server, "live", tmp.path(), 30).unwrap();
+    next.delete_at_end = false;
+    let publisher = tokio::spawn(async move {
+        loop {
+            match publish(next.clone()).await {
+                Ok(r) => return Ok(r),
+                Err(e) if e.to_string().contains("409") && started.elapsed().as_secs() < 25 => {
+                    tokio::time::sleep(Duration::from_millis(500)).await
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    });
+    // Media flows again: a segment of the second publication appears.
+    let dir = server.hls_dir("live");
+    wait_for(
+        "the new publisher's segments",
+        Duration::from_secs(40),
+        || {
+            read_playlist(&dir.join("index.m3u8"))
+                .ok()
+                .filter(|p| !p.ended && p.discontinuities == 1)
+        },
+    )
+    .await
+    .unwrap();
+    let status = server.terminate().unwrap();
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+    let playlist = read_playlist(&dir.join("index.m3u8")).unwrap();
+    assert!(playlist.ended, "SIGTERM ends the playlist: {playlist:?}");
+    publisher.abort();
+}

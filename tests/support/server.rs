@@ -1,0 +1,219 @@
+//! Runs the real `whipgate` binary on 127.0.0.1 with free ports and a
+//! temporary data directory, and checks its HLS output with ffprobe/ffmpeg.
+#![allow(dead_code)]
+
+use std::net::{TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+
+pub struct Server {
+    child: Option<Child>,
+    pub http_port: u16,
+    pub udp_port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn sample_mkv() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("samples/sample.mkv")
+}
+
+fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free TCP port")
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free UDP port")
+}
+
+impl Server {
+    /// Starts the server with `config` (TOML, may be empty) and waits until
+    /// it answers HTTP.
+    pub fn start(config: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let config_path = dir.path().join("whipgate.toml");
+        std::fs::write(&config_path, config)?;
+        let http_port = free_tcp_port();
+        let udp_port = free_udp_port();
+        let log = std::fs::File::create(dir.path().join("server.log"))?;
+        let child = Command::new(env!("CARGO_BIN_EXE_whipgate"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--http-listen")
+            .arg(format!("127.0.0.1:{http_port}"))
+            .arg("--udp-listen")
+            .arg(format!("127.0.0.1:{udp_port}"))
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .env("WHIPGATE_LOG", "info,whipgate=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting whipgate")?;
+        let mut server = Server {
+            child: Some(child),
+            http_port,
+            udp_port,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", http_port)).is_ok() {
+                return Ok(server);
+            }
+            if let Some(status) = server.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("whipgate exited at start ({status}):\n{}", server.log());
+            }
+            if Instant::now() > deadline {
+                bail!("whipgate did not listen within 15 s:\n{}", server.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.http_port)
+    }
+
+    pub fn hls_dir(&self, stream: &str) -> PathBuf {
+        self.dir.path().join("data/hls").join(stream)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits (bounded) for a clean exit.
+    pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let mut child = self.child.take().context("already stopped")?;
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()?;
+        ensure!(status.success(), "kill -TERM failed");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("whipgate did not exit within 15 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// One media playlist, as far as the tests care.
+#[derive(Debug)]
+pub struct MediaPlaylist {
+    pub target_duration: u64,
+    pub segments: Vec<(String, f64)>,
+    pub ended: bool,
+    pub discontinuities: usize,
+    pub program_date_times: usize,
+}
+
+pub fn read_playlist(path: &Path) -> anyhow::Result<MediaPlaylist> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    let p = m3u8_rs::parse_media_playlist_res(text.as_bytes())
+        .map_err(|e| anyhow::anyhow!("parsing playlist: {e:?}\n{text}"))?;
+    Ok(MediaPlaylist {
+        target_duration: p.target_duration,
+        segments: p
+            .segments
+            .iter()
+            .map(|s| (s.uri.clone(), s.duration as f64))
+            .collect(),
+        ended: p.end_list,
+        discontinuities: p.segments.iter().filter(|s| s.discontinuity).count(),
+        program_date_times: text.matches("#EXT-X-PROGRAM-DATE-TIME:").count(),
+    })
+}
+
+/// Waits (bounded) until `f` gives `Some`.
+pub async fn wait_for<T>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> anyhow::Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What ffprobe says of one stream.
+#[derive(Debug)]
+pub struct ProbedStream {
+    pub codec: String,
+    pub start_time: f64,
+    pub width: Option<u64>,
+    pub height: Option<u64>,
+}
+
+/// ffprobe of an HLS URL or file: the streams it finds.
+pub fn ffprobe_streams(input: &str) -> anyhow::Result<Vec<ProbedStream>> {
+    let out = Command::new("ffprobe")
+        .args(["-v", "error", "-of", "json", "-show_streams", input])
+        .output()
+        .context("running ffprobe")?;
+    ensure!(
+        out.status.success() && out.stderr.is_empty(),
+        "ffprobe {input}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let streams = v["streams"].as_array().cloned().unwrap_or_default();
+    Ok(streams
+        .iter()
+        .map(|s| ProbedStream {
+            codec: s["codec_name"].as_str().unwrap_or_default().to_owned(),
+            start_time: s["start_time"]
+                .as_str()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(f64::NAN),
+            width: s["width"].as_u64(),
+            height: s["height"].as_u64(),
+        })
+        .collect())
+}
+
+/// A full decode with `ffmpeg -v error`: the error output (empty when clean).
+pub fn ffmpeg_decode_errors(input: &str) -> anyhow::Result<String> {
+    let out = Command::new("ffmpeg")
+        .args(["-nostdin", "-v", "error", "-i", input, "-f", "null", "-"])
+        .output()
+        .context("running ffmpeg")?;
+    let mut errors = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        errors.push_str(&format!("\nffmpeg exited with {}", out.status));
+    }
+    Ok(errors)
+}
