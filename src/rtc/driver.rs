@@ -194,51 +194,18 @@ impl Driver {
     }
 
     fn create(&self, offer: &str, accepted: &Accepted) -> Result<(Rtc, String), RtcError> {
-        let sdp = SdpOffer::from_sdp_string(offer).map_err(|e| RtcError::Sdp(e.to_string()))?;
-        let mut config = RtcConfig::new()
-            .set_ice_lite(true)
-            .clear_codecs()
-            .enable_opus(accepted.audio.is_some(), false)
-            // Keep RTCP stats off the hot path; we read what we need from events.
-            .set_stats_interval(None);
-        if let Some(cert) = &self.cert {
-            config = config.set_dtls_cert(cert.clone());
-        }
-        if let Some(video) = &accepted.video {
-            // Mirror every H264 payload the client offers, so any profile
-            // (Baseline, Main, High, hardware encoders' odd levels) matches.
-            let codecs = config.codec_config();
-            for (p, rtx) in video.h264_mode1() {
-                codecs.add_config(
-                    p.pt.into(),
-                    rtx.map(Into::into),
-                    Codec::H264,
-                    str0m::media::Frequency::NINETY_KHZ,
-                    None,
-                    FormatParams {
-                        level_asymmetry_allowed: Some(true),
-                        packetization_mode: Some(1),
-                        profile_level_id: p.fmtp_u32("profile-level-id", 16),
-                        ..Default::default()
-                    },
-                );
-            }
-        }
-        let mut rtc = config.build(Instant::now());
-        for ip in &self.local_ips {
-            let addr = SocketAddr::new(*ip, self.port);
-            match Candidate::host(addr, "udp") {
-                Ok(c) => {
-                    rtc.add_local_candidate(c);
-                }
-                Err(e) => tracing::debug!(%addr, error = %e, "skipping local candidate"),
-            }
-        }
-        let answer = rtc
-            .sdp_api()
-            .accept_offer(sdp)
-            .map_err(|e| RtcError::Negotiation(e.to_string()))?;
-        Ok((rtc, answer.to_sdp_string()))
+        let candidates: Vec<_> = self
+            .local_ips
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, self.port))
+            .collect();
+        negotiate(
+            offer,
+            accepted,
+            self.cert.as_ref(),
+            &candidates,
+            Instant::now(),
+        )
     }
 
     /// The local address a datagram from `source` arrived on, as ICE knows
@@ -325,6 +292,64 @@ impl Driver {
         }
         next.max(now)
     }
+}
+
+/// Builds the ICE-lite `Rtc` of a new session from the client's offer and
+/// returns it with the SDP answer.
+fn negotiate(
+    offer: &str,
+    accepted: &Accepted,
+    cert: Option<&str0m::config::DtlsCert>,
+    candidates: &[SocketAddr],
+    now: Instant,
+) -> Result<(Rtc, String), RtcError> {
+    // We never send media: a `sendrecv` offer (Safari) is answered like a
+    // `sendonly` one, with `recvonly`.
+    let offer = offer.replace("a=sendrecv", "a=sendonly");
+    let sdp = SdpOffer::from_sdp_string(&offer).map_err(|e| RtcError::Sdp(e.to_string()))?;
+    let mut config = RtcConfig::new()
+        .set_ice_lite(true)
+        .clear_codecs()
+        .enable_opus(accepted.audio.is_some(), false)
+        // Keep RTCP stats off the hot path; we read what we need from events.
+        .set_stats_interval(None);
+    if let Some(cert) = cert {
+        config = config.set_dtls_cert(cert.clone());
+    }
+    if let Some(video) = &accepted.video {
+        // Mirror every H264 payload the client offers, so any profile
+        // (Baseline, Main, High, hardware encoders' odd levels) matches.
+        let codecs = config.codec_config();
+        for (p, rtx) in video.h264_mode1() {
+            codecs.add_config(
+                p.pt.into(),
+                rtx.map(Into::into),
+                Codec::H264,
+                str0m::media::Frequency::NINETY_KHZ,
+                None,
+                FormatParams {
+                    level_asymmetry_allowed: Some(true),
+                    packetization_mode: Some(1),
+                    profile_level_id: p.fmtp_u32("profile-level-id", 16),
+                    ..Default::default()
+                },
+            );
+        }
+    }
+    let mut rtc = config.build(now);
+    for addr in candidates {
+        match Candidate::host(*addr, "udp") {
+            Ok(c) => {
+                rtc.add_local_candidate(c);
+            }
+            Err(e) => tracing::debug!(%addr, error = %e, "skipping local candidate"),
+        }
+    }
+    let answer = rtc
+        .sdp_api()
+        .accept_offer(sdp)
+        .map_err(|e| RtcError::Negotiation(e.to_string()))?;
+    Ok((rtc, answer.to_sdp_string()))
 }
 
 /// Runs one session's state machine until it waits. `Ok(None)` when the
@@ -427,5 +452,79 @@ impl Session {
                 let _ = tx.try_send(Command::Keyframe { id: id.clone() });
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rtc::offer;
+    use str0m::media::Direction;
+
+    /// A real offer from a (non-lite) str0m client sending H264 and Opus.
+    fn client_offer() -> String {
+        str0m::crypto::from_feature_flags().install_process_default();
+        let mut client = RtcConfig::new()
+            .clear_codecs()
+            .enable_h264(true)
+            .enable_opus(true, false)
+            .build(Instant::now());
+        let addr: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        client.add_local_candidate(Candidate::host(addr, "udp").unwrap());
+        let mut change = client.sdp_api();
+        change.add_media(MediaKind::Video, Direction::SendOnly, None, None, None);
+        change.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None);
+        let (offer, _pending) = change.apply().unwrap();
+        offer.to_sdp_string()
+    }
+
+    fn answer(offer_text: &str) -> Result<String, String> {
+        let accepted = offer::check(offer::parse(offer_text).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+        let server: SocketAddr = "127.0.0.1:8189".parse().unwrap();
+        negotiate(offer_text, &accepted, None, &[server], Instant::now())
+            .map(|(_, a)| a)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn answer_is_ice_lite_recvonly_with_our_candidate_and_twcc() {
+        let a = answer(&client_offer()).unwrap();
+        assert!(a.contains("a=ice-lite"), "{a}");
+        assert!(a.contains("127.0.0.1 8189 typ host"), "{a}");
+        assert_eq!(a.matches("a=recvonly").count(), 2, "{a}");
+        assert!(a.contains("a=rtcp-mux"), "{a}");
+        assert!(a.contains("transport-wide-cc"), "{a}");
+        assert!(a.contains("nack"), "{a}");
+        assert!(a.contains("H264/90000") && a.contains("opus/48000"), "{a}");
+    }
+
+    #[test]
+    fn any_h264_profile_offered_is_accepted() {
+        let o = client_offer();
+        // Keep only High profile level 5.0, as hardware encoders offer it.
+        let high = o
+            .replace("profile-level-id=42001f", "profile-level-id=640032")
+            .replace("profile-level-id=42e01f", "profile-level-id=640032")
+            .replace("profile-level-id=4d001f", "profile-level-id=640032")
+            .replace("profile-level-id=64001f", "profile-level-id=640032");
+        let a = answer(&high).unwrap();
+        assert!(a.contains("profile-level-id=640032"), "{a}");
+    }
+
+    #[test]
+    fn sendrecv_offers_get_recvonly_answers() {
+        let o = client_offer().replace("a=sendonly", "a=sendrecv");
+        let a = answer(&o).unwrap();
+        assert_eq!(a.matches("a=recvonly").count(), 2, "{a}");
+    }
+
+    #[test]
+    fn mdns_candidates_do_not_break_the_offer() {
+        let o = client_offer();
+        let mdns = "a=candidate:1 1 udp 2113937151 8a3c9e8e-1f2b-4d3c-9e8e-1f2b4d3c9e8e.local 54321 typ host\r\n";
+        let with_mdns = o.replacen("a=candidate:", &format!("{mdns}a=candidate:"), 1);
+        assert!(with_mdns.contains(".local"));
+        answer(&with_mdns).unwrap();
     }
 }
