@@ -52,18 +52,8 @@ impl IntoResponse for AppError {
         } else {
             tracing::debug!(status = status.as_u16(), error = %self, "request refused");
         }
-        let body = serde_json::json!({
-            "type": "about:blank",
-            "title": status.canonical_reason().unwrap_or("error"),
-            "status": status.as_u16(),
-            "detail": self.to_string(),
-        });
-        let mut resp = (status, body.to_string()).into_response();
+        let mut resp = problem(status, &self.to_string());
         let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
         match self {
             AppError::Unauthorized => {
                 h.insert(
@@ -78,4 +68,20 @@ impl IntoResponse for AppError {
         }
         resp
     }
+}
+
+/// An RFC 9457 problem document.
+pub fn problem(status: StatusCode, detail: &str) -> Response {
+    let body = serde_json::json!({
+        "type": "about:blank",
+        "title": status.canonical_reason().unwrap_or("error"),
+        "status": status.as_u16(),
+        "detail": detail,
+    });
+    let mut resp = (status, body.to_string()).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    resp
 }

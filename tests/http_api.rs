@@ -54,7 +54,7 @@ async fn post_sdp(
     req.send().await
 }
 
-fn header_str<'a>(headers: &'a HeaderMap, name: impl header::AsHeaderName) -> &'a str {
+fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> &str {
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())
@@ -465,11 +465,8 @@ async fn body_over_the_limit_is_413() {
     let resp = post_sdp(&client, &server, "test", None, big)
         .await
         .expect("POST");
-    // KNOWN SERVER BUG (this test fails until it is fixed): the 413 comes
-    // from axum's `Bytes` extractor under `DefaultBodyLimit`
-    // (src/http/mod.rs `router`, src/http/whip.rs `post` takes `body: Bytes`),
-    // as `text/plain` "Failed to buffer the request body: length limit
-    // exceeded", not `application/problem+json`. The status is right.
+    // The 413 comes from axum's body limit; the router turns it into a
+    // problem document like every other error.
     expect_problem(resp, StatusCode::PAYLOAD_TOO_LARGE, "10 KB offer").await;
     assert_alive(&client, &server).await;
 }
@@ -553,12 +550,8 @@ async fn unknown_things_are_404() {
     assert_alive(&client, &server).await;
 }
 
-// KNOWN SERVER BUG (this test fails until it is fixed): errors that axum
-// makes itself, not `AppError`, are not `application/problem+json`. No route
-// (src/http/mod.rs `router`, no `.fallback`) answers an empty 404; a method a
-// route lacks an empty 405; a path that is not UTF-8 a `text/plain` 400 from
-// the `Path` extractor (and the body limit a `text/plain` 413, see
-// `body_over_the_limit_is_413`).
+// Errors that axum makes itself, not `AppError` (no route, a method a route
+// lacks, a path that is not UTF-8, the body limit), are problem documents too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn errors_axum_makes_are_problems_too() {
     let server = Server::start("").expect("server");

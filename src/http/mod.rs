@@ -14,6 +14,7 @@ use axum::routing::{get, post};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::error::{self, AppError};
 use crate::rtc::RtcHandle;
 use crate::streams::Streams;
 
@@ -39,9 +40,10 @@ pub fn router(state: AppState) -> Router {
                 .options(whip::options_session),
         )
         .route("/hls/{stream}/{file}", get(hls::get))
+        .fallback(|| async { AppError::NotFound })
         .with_state(state)
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(axum::middleware::map_response(cors))
+        .layer(axum::middleware::map_response(finish))
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,
             Duration::from_secs(30),
@@ -49,9 +51,12 @@ pub fn router(state: AppState) -> Router {
         .layer(TraceLayer::new_for_http())
 }
 
-/// Browsers publish and play from other origins: every response allows any
-/// origin and exposes the WHIP headers.
-async fn cors(mut resp: Response) -> Response {
+/// Every response leaves here: errors that axum made itself (body too
+/// large, bad path, wrong method) become problem documents like ours, and
+/// CORS headers go on everything, since browsers publish and play from other
+/// origins.
+async fn finish(resp: Response) -> Response {
+    let mut resp = problem_for_framework_errors(resp).await;
     let h = resp.headers_mut();
     h.insert(
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
@@ -62,4 +67,30 @@ async fn cors(mut resp: Response) -> Response {
         HeaderValue::from_static("Location, ETag, Link, Accept-Patch, Accept-Post"),
     );
     resp
+}
+
+async fn problem_for_framework_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_problem = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_problem {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text);
+    let detail = if text.trim().is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text.trim().to_owned()
+    };
+    let mut problem = error::problem(status, &detail);
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            problem.headers_mut().insert(name, value.clone());
+        }
+    }
+    problem
 }

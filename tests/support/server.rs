@@ -70,7 +70,11 @@ impl Server {
             if std::net::TcpStream::connect(("127.0.0.1", http_port)).is_ok() {
                 return Ok(server);
             }
-            if let Some(status) = server.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = server
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 bail!("whipgate exited at start ({status}):\n{}", server.log());
             }
             if Instant::now() > deadline {
@@ -134,8 +138,8 @@ pub struct MediaPlaylist {
 }
 
 pub fn read_playlist(path: &Path) -> anyhow::Result<MediaPlaylist> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let p = m3u8_rs::parse_media_playlist_res(text.as_bytes())
         .map_err(|e| anyhow::anyhow!("parsing playlist: {e:?}\n{text}"))?;
     Ok(MediaPlaylist {
