@@ -8,7 +8,7 @@
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
@@ -28,6 +28,8 @@ struct Output {
     playlist: Playlist,
     /// The publication being segmented, and its segmenter.
     current: Option<(Publication, Segmenter)>,
+    /// When the current publication's first frame reached this output.
+    first_frame_at: Instant,
     /// The last publication that ended: its late frames (the audio
     /// transcoder's flush) are ignored.
     ended: Option<u64>,
@@ -64,6 +66,7 @@ pub async fn run(
         }),
         config,
         current: None,
+        first_frame_at: Instant::now(),
         ended: None,
         ts_offset: 0,
         ts_last: 0,
@@ -124,6 +127,7 @@ impl Output {
                 self.ts_offset = self.ts_last + CLOCK_HZ;
             }
             self.current = Some((publication, segmenter));
+            self.first_frame_at = Instant::now();
         }
         frame.pts += self.ts_offset;
         frame.dts += self.ts_offset;
@@ -180,6 +184,10 @@ impl Output {
             if let Some(old) = self.on_disk.pop_front() {
                 let _ = tokio::fs::remove_file(self.dir.join(&old)).await;
             }
+        }
+        if segment.sequence == self.sequence_base {
+            let ms = self.first_frame_at.elapsed().as_secs_f64() * 1000.0;
+            tracing::info!(parent: span, sequence = segment.sequence, duration = segment.duration, since_first_frame_ms = ms, "first segment listed");
         }
         tracing::debug!(parent: span, sequence = segment.sequence, duration = segment.duration, bytes = segment.data.len(), "segment written");
     }
