@@ -907,6 +907,8 @@ pub struct Demuxer {
     info: MediaInfo,
     /// First packet's time of the current pass, in µs of the file's timeline.
     origin_us: Option<i64>,
+    /// When the previous video frame is sent (µs, as `send_at`).
+    last_video_send_us: Option<i64>,
     /// Offset of the current pass on the output timeline (µs).
     pass_offset_us: i64,
     /// End of the latest frame on the output timeline (µs).
@@ -925,6 +927,7 @@ impl Demuxer {
             h264,
             info,
             origin_us: None,
+            last_video_send_us: None,
             pass_offset_us: 0,
             end_us: 0,
             loops: 0,
@@ -952,6 +955,7 @@ impl Demuxer {
             }
         }
         self.origin_us = None;
+        self.last_video_send_us = None;
         self.pass_offset_us = self.end_us;
         self.loops += 1;
         Ok(())
@@ -1006,7 +1010,19 @@ impl Demuxer {
             }
             let pass = self.pass_offset_us;
             let pts_out = (pts_us - origin).max(0).saturating_add(pass);
-            let send_out = (dts_us - origin).max(0).saturating_add(pass);
+            let mut send_out = (dts_us - origin).max(0).saturating_add(pass);
+            if kind == FrameKind::Video {
+                // Matroska leaves the DTS of the first frames unset; falling
+                // back to their PTS would hold back a reordered frame (and
+                // the audio queued behind it) by the reorder delay. Send it
+                // right after the previous frame instead.
+                if packet.dts().is_none() {
+                    if let Some(last) = self.last_video_send_us {
+                        send_out = last;
+                    }
+                }
+                self.last_video_send_us = Some(send_out);
+            }
             self.end_us = self.end_us.max(pts_out.saturating_add(duration_us));
             return Ok(Some(MediaFrame {
                 kind,

@@ -64,12 +64,14 @@ async fn ended_playlist(server: &Server, stream: &str) -> MediaPlaylist {
 }
 
 /// The checks every finished publication must pass; `size` is the video
-/// resolution ffprobe must find in the playlist, when it is a single one.
+/// resolution ffprobe must find in the playlist, when it is a single one;
+/// `lip_sync` (expected audio start minus video start, tolerance), in s.
 async fn check_hls(
     server: &Server,
     stream: &str,
     sent_secs: f64,
     size: Option<(u64, u64)>,
+    lip_sync: Option<(f64, f64)>,
 ) -> MediaPlaylist {
     let playlist = ended_playlist(server, stream).await;
     let listed = total(&playlist);
@@ -93,15 +95,38 @@ async fn check_hls(
     if let Some((w, h)) = size {
         assert_eq!((streams[0].width, streams[0].height), (Some(w), Some(h)));
     }
-    let skew = (streams[0].start_time - streams[1].start_time).abs();
-    assert!(
-        skew <= 0.1,
-        "audio and video start {skew:.3} s apart: {streams:?}"
-    );
+    if let Some((expected, tolerance)) = lip_sync {
+        check_lip_sync(&url, expected, tolerance);
+    }
     let errors = ffmpeg_decode_errors(&url).unwrap();
     assert!(errors.trim().is_empty(), "decode errors:\n{errors}");
     assert!(!server.log().contains("panicked"), "{}", server.log());
     playlist
+}
+
+/// Audio start minus video start, in s, as ffprobe sees them.
+fn av_offset(input: &str) -> f64 {
+    let streams = ffprobe_streams(input).unwrap();
+    let start = |codec: &[&str]| {
+        streams
+            .iter()
+            .find(|s| codec.contains(&s.codec.as_str()))
+            .unwrap_or_else(|| panic!("no {codec:?} in {input}: {streams:?}"))
+            .start_time
+    };
+    start(&["aac", "opus"]) - start(&["h264"])
+}
+
+/// Audio and video start `expected` s apart (audio minus video), within
+/// `tolerance`.
+fn check_lip_sync(input: &str, expected: f64, tolerance: f64) {
+    let offset = av_offset(input);
+    assert!(
+        (offset - expected).abs() <= tolerance,
+        "audio starts {offset:.3} s after video in the HLS, expected {expected:.3} s \
+         (±{tolerance} s): audio/video out of sync by {:.0} ms",
+        (offset - expected) * 1000.0
+    );
 }
 
 /// ffprobe's JSON for `-show_entries ENTRIES` of the first video stream.
@@ -171,16 +196,18 @@ async fn gstreamer_style_rsa_dtls_certificate_is_accepted() {
         "offered {offered:?}, the RSA certificate is {fingerprint}"
     );
     assert_eq!(report.video_frames_sent, 120);
-    check_hls(&server, "gst", 4.0, Some((640, 360))).await;
+    check_hls(&server, "gst", 4.0, Some((640, 360)), Some((0.0, 0.1))).await;
 }
 
 /// OBS with B-frames on (x264 `high`, `bf=2`): `whipgate publish` sends RTP
 /// timestamps from the PTS, so frames arrive out of presentation order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn b_frames_become_clean_hls() {
+///
+/// `container` is `mkv` (no DTS stored: the demuxer guesses them, none for the
+/// first packets) or `mp4` (DTS stored).
+async fn b_frames_case(container: &str) {
     let server = Server::start("").unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let mkv = tmp.path().join("bframes.mkv");
+    let file = tmp.path().join(format!("bframes.{container}"));
     run(
         "ffmpeg",
         &[
@@ -211,7 +238,7 @@ async fn b_frames_become_clean_hls() {
             "libopus",
             "-ac",
             "2",
-            path_str(&mkv),
+            path_str(&file),
         ],
     );
     let b_frames = |input: &str| {
@@ -223,13 +250,13 @@ async fn b_frames_become_clean_hls() {
             .filter(|f| f["pict_type"] == "B")
             .count()
     };
-    let source_b = b_frames(path_str(&mkv));
+    let source_b = b_frames(path_str(&file));
     assert!(source_b > 60, "the source has {source_b} B-frames");
 
     let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_whipgate"))
         .arg("publish")
-        .arg(&mkv)
-        .arg(server.url("/whip/obs"))
+        .arg(&file)
+        .arg(server.url(&format!("/whip/{container}")))
         .env("WHIPGATE_LOG", "warn")
         .status();
     let status = tokio::time::timeout(Duration::from_secs(30), status)
@@ -237,9 +264,9 @@ async fn b_frames_become_clean_hls() {
         .expect("publish finished in time")
         .unwrap();
     assert!(status.success(), "whipgate publish: {status}");
-    check_hls(&server, "obs", 6.0, Some((640, 360))).await;
+    check_hls(&server, container, 6.0, Some((640, 360)), None).await;
 
-    let url = server.url("/hls/obs/index.m3u8");
+    let url = server.url(&format!("/hls/{container}/index.m3u8"));
     let v = probe_video(&url, "stream=profile,has_b_frames", false);
     assert_eq!(v["streams"][0]["profile"], "High", "{v}");
     // The B-frames went through as they are, reordering and all.
@@ -266,14 +293,33 @@ async fn b_frames_become_clean_hls() {
     let mut last_dts = i64::MIN;
     let mut reordered = 0;
     for line in packets.lines().filter(|l| !l.trim().is_empty()) {
-        let (pts, dts) = line.trim().split_once(',').unwrap();
-        let (pts, dts): (i64, i64) = (pts.parse().unwrap(), dts.parse().unwrap());
+        // `pts,dts,` (a trailing comma for the empty side data).
+        let mut fields = line.trim().split(',').map(|f| f.parse::<i64>());
+        let (Some(Ok(pts)), Some(Ok(dts))) = (fields.next(), fields.next()) else {
+            panic!("bad ffprobe packet line {line:?}");
+        };
         assert!(dts > last_dts, "DTS {dts} after {last_dts}:\n{packets}");
         assert!(pts >= dts, "PTS {pts} before DTS {dts}:\n{packets}");
         reordered += usize::from(pts != dts);
         last_dts = dts;
     }
     assert!(reordered > 60, "only {reordered} packets with PTS != DTS");
+    // Lip sync as in the file (audio starts 14 ms before video there), within
+    // the 100 ms the issue asks for. Without sender reports the server anchors
+    // each track on its first frame's arrival, and with B-frames the first
+    // video frame arrives the reorder delay (2 frames, 67 ms) before its PTS:
+    // a known offset of up to that much (without B-frames it is a few ms).
+    check_lip_sync(&url, av_offset(path_str(&file)), 0.1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b_frames_from_mkv_become_clean_hls() {
+    b_frames_case("mkv").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b_frames_from_mp4_become_clean_hls() {
+    b_frames_case("mp4").await;
 }
 
 /// Makes `secs` seconds of 30 fps baseline H.264 (Annex B) at `size`.
@@ -345,7 +391,7 @@ async fn resolution_change_mid_stream_starts_a_discontinuity() {
     .await
     .unwrap();
     assert_eq!(report.video_frames_sent, 180);
-    let playlist = check_hls(&server, "switch", 6.0, None).await;
+    let playlist = check_hls(&server, "switch", 6.0, None, Some((0.0, 0.1))).await;
     assert!(playlist.discontinuities >= 1, "{playlist:?}");
 
     // Each segment on its own: 640x360 before the switch (3 s), 320x180 after.

@@ -160,32 +160,27 @@ pub async fn patch(
 
 /// `OPTIONS` on the endpoint (CORS preflight included): no ICE servers here.
 pub async fn options_endpoint() -> Response {
-    let mut resp = StatusCode::NO_CONTENT.into_response();
-    let h = resp.headers_mut();
-    h.insert("accept-post", HeaderValue::from_static("application/sdp"));
-    h.insert(header::ALLOW, HeaderValue::from_static("OPTIONS, POST"));
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("OPTIONS, POST"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("Authorization, Content-Type"),
-    );
+    let mut resp = options("OPTIONS, POST", "Authorization, Content-Type");
+    resp.headers_mut()
+        .insert("accept-post", HeaderValue::from_static("application/sdp"));
     resp
 }
 
 pub async fn options_session() -> Response {
+    options("OPTIONS, DELETE", "Authorization, Content-Type, If-Match")
+}
+
+fn options(methods: &'static str, request_headers: &'static str) -> Response {
     let mut resp = StatusCode::NO_CONTENT.into_response();
     let h = resp.headers_mut();
-    h.insert(header::ALLOW, HeaderValue::from_static("OPTIONS, DELETE"));
+    h.insert(header::ALLOW, HeaderValue::from_static(methods));
     h.insert(
         header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("OPTIONS, DELETE"),
+        HeaderValue::from_static(methods),
     );
     h.insert(
         header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("Authorization, Content-Type, If-Match"),
+        HeaderValue::from_static(request_headers),
     );
     resp
 }

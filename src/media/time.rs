@@ -19,10 +19,11 @@
 //! - When both tracks have had a sender report (NTP ↔ RTP pair on a common
 //!   wall clock), the timeline corrects the anchors once so that audio and
 //!   video agree on the wall clock ("lip sync"). The correction is applied
-//!   without ever moving a track backwards once it has output anything:
-//!   a track that has not output yet is moved either way; otherwise the track
-//!   that must move later is moved forward (a one-time gap of the correction's
-//!   size, typically tens of ms, in that track). Corrections larger than
+//!   by moving audio, never video once video has output (shifting video
+//!   mid-GOP would reorder B-frames against their references). Audio moved
+//!   later leaves a one-time gap, audio moved earlier is clamped to stay
+//!   increasing (the AAC transcoder drops the overlap): a one-time glitch of
+//!   the correction's size, typically tens of ms. Corrections larger than
 //!   [`MAX_SYNC_CORRECTION`] ticks are rejected as bogus and counted. Later
 //!   sender reports are stored but not applied (clock drift between the two
 //!   RTP clocks is ignored).
@@ -305,14 +306,14 @@ impl Timeline {
                 a.ticks = a.ticks.saturating_add(by);
             }
         };
-        if self.audio.last_out.is_none() {
-            shift(&mut self.audio, correction);
-        } else if self.video.last_out.is_none() {
+        // Video is never moved once it has output: shifting it mid-GOP would
+        // put B-frames after the reference frames they display before.
+        // Audio moved earlier is clamped here (and the transcoder drops the
+        // overlap), a one-time skip of at most the correction.
+        if self.video.last_out.is_none() && self.audio.last_out.is_some() {
             shift(&mut self.video, -correction);
-        } else if correction >= 0 {
-            shift(&mut self.audio, correction);
         } else {
-            shift(&mut self.video, -correction);
+            shift(&mut self.audio, correction);
         }
         self.synced = true;
         self.stats.sync_correction = Some(correction);
@@ -470,7 +471,10 @@ mod tests {
             assert!(video.windows(2).all(|w| w[1] > w[0]));
             assert!(audio.windows(2).all(|w| w[1] > w[0]));
             assert_eq!(tl.stats().sync_correction.map(i64::abs), Some(3600));
-            assert_eq!(tl.stats().clamped, 0);
+            // Audio moved 40 ms earlier: the two packets that would overlap
+            // what was already output are clamped (a one-time glitch).
+            let expect_clamped = if audio_extra_delay_ms > 0 { 2 } else { 0 };
+            assert_eq!(tl.stats().clamped, expect_clamped);
             // Before the reports: off by the 40 ms delay difference.
             // After: video frame 3k and audio packet 5k-5 (both captured at
             // k * 100 ms) have the same timestamp.
