@@ -9,9 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use support::server::{
-    MediaPlaylist, Server, ffmpeg_decode_errors, ffprobe_streams, read_playlist, wait_for,
-};
+use support::hls_check::{Expect, av_offset, check_hls, check_lip_sync};
+use support::server::{Server, ffmpeg_decode_errors, ffprobe_streams};
 use support::webrtc_publisher::{
     PublishExtra, PublishOpts, extract_sample, publish_with, rsa_certificate,
 };
@@ -27,10 +26,6 @@ fn opts(server: &Server, stream: &str, h264: PathBuf, ogg: PathBuf, secs: u64) -
         audio: true,
         delete_at_end: true,
     }
-}
-
-fn total(p: &MediaPlaylist) -> f64 {
-    p.segments.iter().map(|s| s.1).sum()
 }
 
 /// Runs a command and returns its stdout; fails on a non-zero exit.
@@ -50,83 +45,6 @@ fn run(program: &str, args: &[&str]) -> String {
 
 fn path_str(p: &Path) -> &str {
     p.to_str().expect("UTF-8 temporary path")
-}
-
-/// Waits (bounded) for the playlist to get `EXT-X-ENDLIST`, written once the
-/// last segment is flushed after the publisher left.
-async fn ended_playlist(server: &Server, stream: &str) -> MediaPlaylist {
-    let path = server.hls_dir(stream).join("index.m3u8");
-    wait_for("EXT-X-ENDLIST", Duration::from_secs(5), || {
-        read_playlist(&path).ok().filter(|p| p.ended)
-    })
-    .await
-    .unwrap()
-}
-
-/// The checks every finished publication must pass; `size` is the video
-/// resolution ffprobe must find in the playlist, when it is a single one;
-/// `lip_sync` (expected audio start minus video start, tolerance), in s.
-async fn check_hls(
-    server: &Server,
-    stream: &str,
-    sent_secs: f64,
-    size: Option<(u64, u64)>,
-    lip_sync: Option<(f64, f64)>,
-) -> MediaPlaylist {
-    let playlist = ended_playlist(server, stream).await;
-    let listed = total(&playlist);
-    assert!(
-        (listed - sent_secs).abs() <= sent_secs * 0.1,
-        "listed {listed:.3} s, sent {sent_secs} s: {playlist:?}"
-    );
-    assert_eq!(playlist.target_duration, 2, "{playlist:?}");
-    for (uri, d) in &playlist.segments {
-        assert!(
-            d.round() as u64 <= playlist.target_duration,
-            "{uri} lasts {d} s, over the target duration"
-        );
-    }
-    assert_eq!(playlist.program_date_times, playlist.segments.len());
-
-    let url = server.url(&format!("/hls/{stream}/index.m3u8"));
-    let streams = ffprobe_streams(&url).unwrap();
-    let found: Vec<_> = streams.iter().map(|s| s.codec.as_str()).collect();
-    assert_eq!(found, ["h264", "aac"], "streams in the HLS");
-    if let Some((w, h)) = size {
-        assert_eq!((streams[0].width, streams[0].height), (Some(w), Some(h)));
-    }
-    if let Some((expected, tolerance)) = lip_sync {
-        check_lip_sync(&url, expected, tolerance);
-    }
-    let errors = ffmpeg_decode_errors(&url).unwrap();
-    assert!(errors.trim().is_empty(), "decode errors:\n{errors}");
-    assert!(!server.log().contains("panicked"), "{}", server.log());
-    playlist
-}
-
-/// Audio start minus video start, in s, as ffprobe sees them.
-fn av_offset(input: &str) -> f64 {
-    let streams = ffprobe_streams(input).unwrap();
-    let start = |codec: &[&str]| {
-        streams
-            .iter()
-            .find(|s| codec.contains(&s.codec.as_str()))
-            .unwrap_or_else(|| panic!("no {codec:?} in {input}: {streams:?}"))
-            .start_time
-    };
-    start(&["aac", "opus"]) - start(&["h264"])
-}
-
-/// Audio and video start `expected` s apart (audio minus video), within
-/// `tolerance`.
-fn check_lip_sync(input: &str, expected: f64, tolerance: f64) {
-    let offset = av_offset(input);
-    assert!(
-        (offset - expected).abs() <= tolerance,
-        "audio starts {offset:.3} s after video in the HLS, expected {expected:.3} s \
-         (±{tolerance} s): audio/video out of sync by {:.0} ms",
-        (offset - expected) * 1000.0
-    );
 }
 
 /// ffprobe's JSON for `-show_entries ENTRIES` of the first video stream.
@@ -196,7 +114,17 @@ async fn gstreamer_style_rsa_dtls_certificate_is_accepted() {
         "offered {offered:?}, the RSA certificate is {fingerprint}"
     );
     assert_eq!(report.video_frames_sent, 120);
-    check_hls(&server, "gst", 4.0, Some((640, 360)), Some((0.0, 0.1))).await;
+    check_hls(
+        &server,
+        "gst",
+        Expect {
+            sent_secs: 4.0,
+            codecs: &["h264", "aac"],
+            size: Some((640, 360)),
+            lip_sync: Some((0.0, 0.1)),
+        },
+    )
+    .await;
 }
 
 /// OBS with B-frames on (x264 `high`, `bf=2`): `whipgate publish` sends RTP
@@ -264,7 +192,17 @@ async fn b_frames_case(container: &str) {
         .expect("publish finished in time")
         .unwrap();
     assert!(status.success(), "whipgate publish: {status}");
-    check_hls(&server, container, 6.0, Some((640, 360)), None).await;
+    check_hls(
+        &server,
+        container,
+        Expect {
+            sent_secs: 6.0,
+            codecs: &["h264", "aac"],
+            size: Some((640, 360)),
+            lip_sync: None,
+        },
+    )
+    .await;
 
     let url = server.url(&format!("/hls/{container}/index.m3u8"));
     let v = probe_video(&url, "stream=profile,has_b_frames", false);
@@ -391,7 +329,17 @@ async fn resolution_change_mid_stream_starts_a_discontinuity() {
     .await
     .unwrap();
     assert_eq!(report.video_frames_sent, 180);
-    let playlist = check_hls(&server, "switch", 6.0, None, Some((0.0, 0.1))).await;
+    let playlist = check_hls(
+        &server,
+        "switch",
+        Expect {
+            sent_secs: 6.0,
+            codecs: &["h264", "aac"],
+            size: None,
+            lip_sync: Some((0.0, 0.1)),
+        },
+    )
+    .await;
     assert!(playlist.discontinuities >= 1, "{playlist:?}");
 
     // Each segment on its own: 640x360 before the switch (3 s), 320x180 after.
