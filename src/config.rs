@@ -42,6 +42,8 @@ pub struct Config {
     pub webrtc: WebRtcConfig,
     #[serde(default)]
     pub hls: HlsConfig,
+    #[serde(default)]
+    pub rtmp: RtmpConfig,
     /// Settings for any stream name not listed under `[streams.NAME]`.
     #[serde(default)]
     pub stream_defaults: StreamConfig,
@@ -60,6 +62,9 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Publishers allowed at once (503 beyond).
     pub max_sessions: usize,
+    /// Bearer token for the HTTP API (`/api/v1/`). Without one the API only
+    /// answers clients on loopback.
+    pub api_token: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -69,6 +74,7 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("./data"),
             max_body_bytes: 64 * 1024,
             max_sessions: 500,
+            api_token: None,
         }
     }
 }
@@ -161,6 +167,9 @@ pub struct StreamConfig {
     /// Preset name (`presets/NAME.toml`).
     pub preset: String,
     pub takeover: Takeover,
+    /// RTMP/RTMPS targets every publication is pushed to; `{stream}` is
+    /// replaced by the stream name.
+    pub push: Vec<String>,
 }
 
 impl Default for StreamConfig {
@@ -170,8 +179,17 @@ impl Default for StreamConfig {
             tokens: Vec::new(),
             preset: "passthrough".into(),
             takeover: Takeover::Stale,
+            push: Vec::new(),
         }
     }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RtmpConfig {
+    /// Extra CA certificates (PEM) trusted for `rtmps://` targets, for
+    /// private origins; the system/web roots are always trusted.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Values given on the command line or in the environment; they win over
@@ -247,6 +265,20 @@ impl Config {
         if self.server.max_body_bytes < 1024 {
             return Err(invalid("server.max_body_bytes", "must be at least 1024"));
         }
+        if let Some(f) = &self.rtmp.ca_file {
+            if !f.is_file() {
+                return Err(invalid(
+                    "rtmp.ca_file",
+                    format!("{} is not a readable file", f.display()),
+                ));
+            }
+        }
+        if self.server.api_token.as_ref().is_some_and(|t| t.len() < 16) {
+            return Err(invalid(
+                "server.api_token",
+                "must be at least 16 characters",
+            ));
+        }
         if self.server.max_sessions == 0 {
             return Err(invalid("server.max_sessions", "must be at least 1"));
         }
@@ -293,6 +325,11 @@ impl Config {
                     format!("{key}.tokens"),
                     "tokens must be at least 8 characters",
                 ));
+            }
+            for (i, url) in s.push.iter().enumerate() {
+                if let Err(e) = crate::rtmp::target::Target::parse(&url.replace("{stream}", "x")) {
+                    return Err(invalid(format!("{key}.push[{i}]"), e.to_string()));
+                }
             }
             if s.preset != "passthrough" {
                 return Err(invalid(

@@ -18,6 +18,8 @@ pub enum AppError {
     Unauthorized,
     #[error("stream `{0}` is not enabled")]
     StreamDisabled(String),
+    #[error("{0}")]
+    Forbidden(String),
     #[error("no such resource")]
     NotFound,
     #[error("stream `{0}` already has a publisher")]
@@ -35,7 +37,7 @@ impl AppError {
             AppError::BadSdp(_) | AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AppError::Unacceptable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::Unauthorized => StatusCode::UNAUTHORIZED,
-            AppError::StreamDisabled(_) => StatusCode::FORBIDDEN,
+            AppError::StreamDisabled(_) | AppError::Forbidden(_) => StatusCode::FORBIDDEN,
             AppError::NotFound => StatusCode::NOT_FOUND,
             AppError::StreamBusy(_) => StatusCode::CONFLICT,
             AppError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,

@@ -41,6 +41,9 @@ struct Reader {
     codecs: &'static [Codec],
     tx: mpsc::Sender<HubFrame>,
     dropped: u64,
+    /// Frames this reader lost since it subscribed, shared with its
+    /// [`Subscription`].
+    dropped_total: Arc<AtomicU64>,
     waiting_for_key: bool,
 }
 
@@ -69,6 +72,14 @@ pub struct Subscription {
     pub state: watch::Receiver<Option<Publication>>,
     hub: Arc<Hub>,
     id: u64,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Subscription {
+    /// Frames this reader lost (it was too slow) since it subscribed.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
 }
 
 impl Drop for Subscription {
@@ -106,12 +117,14 @@ impl Hub {
     ) -> Subscription {
         let (tx, frames) = mpsc::channel(capacity);
         let id = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        let dropped = Arc::new(AtomicU64::new(0));
         self.lock_readers().push(Reader {
             id,
             name,
             codecs,
             tx,
             dropped: 0,
+            dropped_total: dropped.clone(),
             waiting_for_key: true,
         });
         Subscription {
@@ -119,6 +132,7 @@ impl Hub {
             state: self.state.subscribe(),
             hub: self.clone(),
             id,
+            dropped,
         }
     }
 
@@ -165,6 +179,7 @@ impl Hub {
                     if r.dropped > 0 {
                         // Part of a GOP it already lost the start of.
                         r.dropped += 1;
+                        r.dropped_total.fetch_add(1, Ordering::Relaxed);
                         self.dropped_total.fetch_add(1, Ordering::Relaxed);
                     }
                     return true;
@@ -185,6 +200,7 @@ impl Hub {
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     r.dropped += 1;
+                    r.dropped_total.fetch_add(1, Ordering::Relaxed);
                     self.dropped_total.fetch_add(1, Ordering::Relaxed);
                     if video {
                         // The rest of this GOP is useless to it.
@@ -290,6 +306,8 @@ mod tests {
             .collect();
         assert_eq!(got, vec![0, 3000]);
         assert!(hub.dropped_frames() >= 8);
+        assert_eq!(slow.dropped(), hub.dropped_frames());
+        assert_eq!(fast.dropped(), 0);
         hub.publish(P, video(30000, false));
         assert!(slow.frames.try_recv().is_err(), "waits for a keyframe");
         hub.publish(P, video(33000, true));

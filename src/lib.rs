@@ -9,6 +9,7 @@ pub mod hub;
 pub mod media;
 pub mod publish;
 pub mod rtc;
+pub mod rtmp;
 pub mod server;
 pub mod streams;
 pub mod transcode;

@@ -6,13 +6,16 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::error::AppError;
 use crate::hub::Hub;
+use crate::rtmp::push::{self, PushHandle, PushOptions};
+use crate::rtmp::target::Target;
 use crate::{hls, transcode};
 
 /// A publishing session as the HTTP layer sees it.
@@ -30,9 +33,17 @@ pub struct Stream {
     pub hub: Arc<Hub>,
     /// The current publishing session, if any.
     pub session: Mutex<Option<Arc<SessionInfo>>>,
+    /// RTMP push targets, from the config and the API.
+    pub pushes: Mutex<Vec<PushEntry>>,
     /// Held while a publication is negotiated.
     pub negotiating: tokio::sync::Mutex<()>,
     outputs: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// One push target of a stream.
+pub struct PushEntry {
+    pub id: u64,
+    pub handle: PushHandle,
 }
 
 pub struct Streams {
@@ -40,6 +51,7 @@ pub struct Streams {
     streams: Mutex<HashMap<String, Arc<Stream>>>,
     sessions: Mutex<HashMap<String, Arc<SessionInfo>>>,
     next_publication: AtomicU64,
+    next_push: AtomicU64,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -50,6 +62,7 @@ impl Streams {
             streams: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             next_publication: AtomicU64::new(1),
+            next_push: AtomicU64::new(1),
             shutdown,
         })
     }
@@ -82,11 +95,54 @@ impl Streams {
             name: name.to_owned(),
             hub,
             session: Mutex::new(None),
+            pushes: Mutex::new(Vec::new()),
             negotiating: tokio::sync::Mutex::new(()),
             outputs: Mutex::new(outputs),
         });
         streams.insert(name.to_owned(), stream.clone());
+        drop(streams);
+        for url in &self.config.stream(name).push {
+            let url = url.replace("{stream}", name);
+            if let Err(e) = self.add_push(&stream, &url) {
+                tracing::error!(stream = name, error = %e, "push target not started");
+            }
+        }
         stream
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Stream>> {
+        lock(&self.streams).get(name).cloned()
+    }
+
+    /// Every stream, sorted by name.
+    pub fn all(&self) -> Vec<Arc<Stream>> {
+        let mut all: Vec<_> = lock(&self.streams).values().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// Starts pushing `stream` to `url` (rtmp:// or rtmps://); returns the
+    /// target's id.
+    pub fn add_push(&self, stream: &Stream, url: &str) -> Result<u64, AppError> {
+        let target = Target::parse(url).map_err(|e| AppError::BadRequest(e.to_string()))?;
+        let id = self.next_push.fetch_add(1, Ordering::Relaxed);
+        let options = PushOptions {
+            ca_file: self.config.rtmp.ca_file.clone(),
+            ..Default::default()
+        };
+        let handle = push::spawn(stream.hub.clone(), target, options, self.shutdown.clone());
+        lock(&stream.pushes).push(PushEntry { id, handle });
+        Ok(id)
+    }
+
+    /// Stops and forgets a push target; false when there is no such id.
+    pub fn remove_push(&self, stream: &Stream, id: u64) -> bool {
+        let mut pushes = lock(&stream.pushes);
+        let Some(i) = pushes.iter().position(|p| p.id == id) else {
+            return false;
+        };
+        pushes.remove(i).handle.stop();
+        true
     }
 
     pub fn next_publication_id(&self) -> u64 {
@@ -119,14 +175,22 @@ impl Streams {
         }
     }
 
-    /// Waits for every output to finish (after shutdown was signalled).
+    /// Waits for every output to finish (after shutdown was signalled):
+    /// playlists end, pushes unpublish.
     pub async fn join_outputs(&self) {
-        let handles: Vec<_> = lock(&self.streams)
-            .values()
-            .flat_map(|s| std::mem::take(&mut *lock(&s.outputs)))
-            .collect();
-        for h in handles {
-            let _ = h.await;
+        let streams: Vec<_> = lock(&self.streams).values().cloned().collect();
+        for s in streams {
+            let outputs = std::mem::take(&mut *lock(&s.outputs));
+            for h in outputs {
+                let _ = h.await;
+            }
+            let pushes = std::mem::take(&mut *lock(&s.pushes));
+            for p in pushes {
+                let ended = tokio::time::timeout(Duration::from_secs(5), p.handle.stopped());
+                if ended.await.is_err() {
+                    tracing::warn!(stream = %s.name, "a push did not end within 5 s");
+                }
+            }
         }
     }
 }

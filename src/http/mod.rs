@@ -1,5 +1,6 @@
 //! HTTP at the edge: WHIP for publishers, HLS for viewers.
 
+mod api;
 mod hls;
 mod whip;
 
@@ -40,6 +41,7 @@ pub fn router(state: AppState) -> Router {
                 .options(whip::options_session),
         )
         .route("/hls/{stream}/{file}", get(hls::get))
+        .nest("/api/v1", api_routes(state.clone()))
         .fallback(|| async { AppError::NotFound })
         .with_state(state)
         .layer(DefaultBodyLimit::max(body_limit))
@@ -49,6 +51,21 @@ pub fn router(state: AppState) -> Router {
             Duration::from_secs(30),
         ))
         .layer(TraceLayer::new_for_http())
+}
+
+fn api_routes(state: AppState) -> Router<AppState> {
+    Router::new()
+        .route("/streams", get(api::list_streams))
+        .route("/streams/{stream}", get(api::get_stream))
+        .route(
+            "/streams/{stream}/push",
+            get(api::list_pushes).post(api::add_push),
+        )
+        .route(
+            "/streams/{stream}/push/{id}",
+            axum::routing::delete(api::remove_push),
+        )
+        .layer(axum::middleware::from_fn_with_state(state, api::guard))
 }
 
 /// Every response leaves here: errors that axum made itself (body too

@@ -1,3 +1,4 @@
 pub mod hls_check;
+pub mod nginx;
 pub mod server;
 pub mod webrtc_publisher;

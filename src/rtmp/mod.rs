@@ -1,0 +1,4 @@
+pub mod flv;
+pub mod push;
+pub mod session;
+pub mod target;
