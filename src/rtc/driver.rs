@@ -51,6 +51,8 @@ struct Session {
     publication: Publication,
     video_mid: Option<Mid>,
     audio_mid: Option<Mid>,
+    /// NACKs are enabled on the video stream.
+    nack_on: bool,
     ingest: Ingest,
     last_input: Instant,
     on_close: Option<Box<dyn FnOnce() + Send>>,
@@ -167,6 +169,7 @@ impl Driver {
                             publication,
                             video_mid: None,
                             audio_mid: None,
+                            nack_on: false,
                             ingest: Ingest::new(2),
                             last_input: Instant::now(),
                             on_close: Some(on_close),
@@ -405,6 +408,15 @@ fn on_event(s: &mut Session, event: Event) -> Result<(), String> {
             }
         }
         Event::MediaData(d) => {
+            if Some(d.mid) == s.video_mid && !s.nack_on {
+                // str0m only NACKs streams with an RTX payload; publishers
+                // without one (webrtc-rs, some hardware encoders) retransmit
+                // on the original stream, so ask for that too.
+                if let Some(rx) = s.rtc.direct_api().stream_rx_by_mid(d.mid, d.rid) {
+                    rx.suppress_nack(false);
+                    s.nack_on = true;
+                }
+            }
             let kind = if Some(d.mid) == s.video_mid {
                 TrackKind::Video
             } else if Some(d.mid) == s.audio_mid {

@@ -38,11 +38,32 @@ impl Server {
     /// Starts the server with `config` (TOML, may be empty) and waits until
     /// it answers HTTP.
     pub fn start(config: &str) -> anyhow::Result<Self> {
+        Self::start_with_args(config, &[])
+    }
+
+    /// As [`Server::start`], with more command-line arguments; a
+    /// `--udp-listen` among them replaces the default one.
+    pub fn start_with_args(config: &str, args: &[&str]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let config_path = dir.path().join("whipgate.toml");
         std::fs::write(&config_path, config)?;
         let http_port = free_tcp_port();
-        let udp_port = free_udp_port();
+        let udp_listen = match args.iter().position(|a| *a == "--udp-listen") {
+            Some(i) => args
+                .get(i + 1)
+                .context("--udp-listen needs a value")?
+                .to_string(),
+            None => format!("127.0.0.1:{}", free_udp_port()),
+        };
+        let udp_port = udp_listen
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .context("--udp-listen port")?;
+        let mut extra: Vec<&str> = args.to_vec();
+        if let Some(i) = extra.iter().position(|a| *a == "--udp-listen") {
+            extra.drain(i..(i + 2).min(extra.len()));
+        }
         let log = std::fs::File::create(dir.path().join("server.log"))?;
         let child = Command::new(env!("CARGO_BIN_EXE_whipgate"))
             .arg("serve")
@@ -51,7 +72,8 @@ impl Server {
             .arg("--http-listen")
             .arg(format!("127.0.0.1:{http_port}"))
             .arg("--udp-listen")
-            .arg(format!("127.0.0.1:{udp_port}"))
+            .arg(&udp_listen)
+            .args(&extra)
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .env("WHIPGATE_LOG", "info,whipgate=debug")
