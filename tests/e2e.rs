@@ -162,3 +162,70 @@ async fn vanished_publisher_is_replaced_and_sigterm_ends_playlists() {
     assert!(playlist.ended, "SIGTERM ends the playlist: {playlist:?}");
     publisher.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sliding_window_deletes_old_segments_and_serves_hls_headers() {
+    let server = Server::start("[hls]\nplaylist_size = 2\nkeep_extra = 1\n").unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    publish(opts(&server, "win", tmp.path(), 10).unwrap())
+        .await
+        .unwrap();
+    let playlist = ended_playlist(&server, "win").await;
+    let listed: Vec<_> = playlist.segments.iter().map(|s| s.0.as_str()).collect();
+    assert_eq!(listed, ["seg3.ts", "seg4.ts"], "{playlist:?}");
+    let mut on_disk: Vec<_> = std::fs::read_dir(server.hls_dir("win"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".ts"))
+        .collect();
+    on_disk.sort();
+    assert_eq!(
+        on_disk,
+        ["seg2.ts", "seg3.ts", "seg4.ts"],
+        "window + keep_extra"
+    );
+
+    let client = reqwest::Client::new();
+    let get = |path: &str| client.get(server.url(path)).send();
+    let m3u8 = get("/hls/win/index.m3u8").await.unwrap();
+    assert_eq!(m3u8.status(), 200);
+    let h = m3u8.headers();
+    assert_eq!(h["content-type"], "application/vnd.apple.mpegurl");
+    assert_eq!(h["cache-control"], "no-cache");
+    assert_eq!(h["access-control-allow-origin"], "*");
+    let seg = get("/hls/win/seg4.ts").await.unwrap();
+    assert_eq!(seg.status(), 200);
+    assert_eq!(seg.headers()["content-type"], "video/mp2t");
+    assert!(
+        seg.headers()["cache-control"]
+            .to_str()
+            .unwrap()
+            .contains("max-age")
+    );
+    assert_eq!(get("/hls/win/seg0.ts").await.unwrap().status(), 404);
+}
+
+#[test]
+fn bad_config_is_refused_at_start_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, key) in [
+        ("[hls]\nsegment_duraton = 2.0\n", "segment_duraton"),
+        ("[hls]\nsegment_duration = 99\n", "hls.segment_duration"),
+        (
+            "[streams.a]\npush = [\"http://x/y\"]\n",
+            "streams.a.push[0]",
+        ),
+    ] {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_whipgate"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{text} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{text}: {err}");
+    }
+}

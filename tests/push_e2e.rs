@@ -114,5 +114,10 @@ async fn config_and_api_targets_restream_a_webrtc_publication() {
     check_recording_between(&nginx.recording("api-key"), live - 1.0, live + 1.5)
         .await
         .unwrap();
-    assert!(!server.log().contains("panicked"));
+    let log = server.log();
+    assert!(!log.contains("panicked"));
+    assert!(
+        !log.contains("cfg-show") && !log.contains("api-key"),
+        "a stream key leaked into the log"
+    );
 }
