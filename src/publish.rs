@@ -5,17 +5,25 @@
 //! Frames are paced by their timestamps and handed to a str0m `Rtc` (full ICE, controlling) that
 //! talks to the WHIP server over one UDP socket.
 //!
+//! With `--sessions N` (N > 1) the file is demuxed once into memory and N sessions replay it
+//! concurrently from one process (a load generator): each has its own str0m `Rtc` (SSRCs,
+//! ICE/DTLS/SRTP) and UDP socket, and shares the frames (`Arc<[u8]>`, no copy per session).
+//! `{n}` in the URL becomes the session number (0-based), so each session can publish its own
+//! stream. Plain RFC 9725: it works against any WHIP server.
+//!
 //! Use from code (tests):
 //! ```text
 //! let opts = PublishOptions::new("samples/sample.mkv", "http://127.0.0.1:8080/whip/test");
 //! let stats = publish(opts, tokio::time::sleep(Duration::from_secs(3))).await?;
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
@@ -26,8 +34,8 @@ use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid, Pt};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tokio::sync::{mpsc, watch};
+use tracing::{Instrument, debug, info, warn};
 use url::Url;
 
 /// Command line arguments of `whipgate publish`.
@@ -49,6 +57,15 @@ pub struct PublishArgs {
     /// Give up when ICE + DTLS are not connected after this many seconds.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0)]
     pub connect_timeout: f64,
+    /// Concurrent WHIP sessions replaying the file (load generator); `{n}` in the URL becomes
+    /// the session number, 0-based. With more than one, `--duration` counts per session from
+    /// its start.
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub sessions: u32,
+    /// New sessions started per second (default: all at once).
+    #[arg(long, value_name = "PER_SECOND")]
+    pub ramp: Option<f64>,
 }
 
 /// Everything [`publish`] needs.
@@ -105,10 +122,18 @@ pub struct PublishStats {
     pub finished: bool,
     /// Time media was flowing (from connection to the end).
     pub media_time: Duration,
+    /// From sending the POST to its `201 Created` answer (body read).
+    pub post_to_201: Option<Duration>,
+    /// From sending the POST to the first frame handed to str0m after ICE + DTLS came up.
+    pub post_to_media: Option<Duration>,
+    /// UDP datagrams sent (STUN, DTLS, SRTP, SRTCP).
+    pub packets_sent: u64,
+    /// Bytes of those datagrams.
+    pub packet_bytes_sent: u64,
 }
 
 /// CLI entry point: publish until end of file (or forever with `--loop`), Ctrl-C, SIGTERM, or
-/// `--duration`.
+/// `--duration`; with `--sessions N`, N sessions at once. Prints a summary on stdout at the end.
 pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
     if !args.connect_timeout.is_finite() || args.connect_timeout <= 0.0 {
         bail!("--connect-timeout must be a positive number of seconds");
@@ -120,11 +145,22 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
         Some(d) => Some(Duration::try_from_secs_f64(d).context("--duration is out of range")?),
         None => None,
     };
+    let ramp = match args.ramp {
+        Some(r) if !r.is_finite() || r <= 0.0 => {
+            bail!("--ramp must be a positive number of sessions per second")
+        }
+        r => r,
+    };
     let mut opts = PublishOptions::new(args.file, args.url);
     opts.token = args.token;
     opts.loop_ = args.loop_;
     opts.connect_timeout = Duration::try_from_secs_f64(args.connect_timeout)
         .context("--connect-timeout is out of range")?;
+    if args.sessions > 1 {
+        return run_many(opts, args.sessions, ramp, limit).await;
+    }
+
+    opts.url = session_url(&opts.url, 0);
     let shutdown = async move {
         let limit = async {
             match limit {
@@ -140,21 +176,294 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
             _ = limit => {},
         }
     };
-    let stats = publish(opts, shutdown).await?;
-    if stats.location.is_some() && !stats.connected {
-        warn!("the WHIP session never connected");
+    let live = Arc::new(Live::default());
+    live.started.store(1, Ordering::Relaxed);
+    let started = Instant::now();
+    let result = publish_with(opts, shutdown, Some(live.clone()), true).await;
+    match &result {
+        Ok(stats) => {
+            if stats.location.is_some() && !stats.connected {
+                warn!("the WHIP session never connected");
+            }
+            info!(
+                video_frames = stats.video_frames,
+                keyframes = stats.keyframes,
+                audio_frames = stats.audio_frames,
+                bytes = stats.bytes,
+                loops = stats.loops,
+                keyframe_requests = stats.keyframe_requests,
+                whole_file = stats.finished,
+                "publish done after {:.1} s of media",
+                stats.media_time.as_secs_f64()
+            );
+        }
+        Err(e) => live.failed(e),
     }
+    println!("{}", live.summary(1, started.elapsed()));
+    result.map(|_| ())
+}
+
+/// The URL of session `n`: every `{n}` replaced by the number.
+pub fn session_url(template: &str, n: u32) -> String {
+    template.replace("{n}", &n.to_string())
+}
+
+/// Progress of every session of a run, shared by them (counters are updated as they go).
+#[derive(Default)]
+struct Live {
+    started: AtomicU64,
+    up: AtomicU64,
+    failed: AtomicU64,
+    packets: AtomicU64,
+    bytes: AtomicU64,
+    post_to_201: Mutex<Vec<Duration>>,
+    post_to_media: Mutex<Vec<Duration>>,
+    errors: Mutex<BTreeMap<String, u64>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Live {
+    fn failed(&self, e: &anyhow::Error) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.errors).entry(failure_kind(e)).or_default() += 1;
+    }
+
+    /// The report: one `key: name=value ...` line per figure (parsed by scripts/bench.sh).
+    fn summary(&self, total: u32, elapsed: Duration) -> String {
+        let mut setup = lock(&self.post_to_201).clone();
+        let mut media = lock(&self.post_to_media).clone();
+        let errors = lock(&self.errors);
+        let errors = if errors.is_empty() {
+            "none".to_owned()
+        } else {
+            errors
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let bytes = self.bytes.load(Ordering::Relaxed);
+        let secs = elapsed.as_secs_f64().max(0.001);
+        format!(
+            "sessions: total={total} started={} up={} failed={}\n\
+             POST->201 ms: {}\n\
+             POST->media ms: {}\n\
+             sent: packets={} bytes={bytes} kbit_s={:.0} elapsed_s={secs:.1}\n\
+             errors: {errors}",
+            self.started.load(Ordering::Relaxed),
+            self.up.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            percentiles(&mut setup, &[50, 95, 99]),
+            percentiles(&mut media, &[50, 99]),
+            self.packets.load(Ordering::Relaxed),
+            bytes as f64 * 8.0 / secs / 1000.0,
+        )
+    }
+}
+
+/// `n=COUNT p50=MS ...` (nearest rank), or `n=0` without samples.
+fn percentiles(samples: &mut [Duration], ps: &[usize]) -> String {
+    samples.sort_unstable();
+    let mut out = format!("n={}", samples.len());
+    if samples.is_empty() {
+        return out;
+    }
+    for p in ps {
+        let rank = (samples.len() * p).div_ceil(100).clamp(1, samples.len());
+        let ms = samples[rank - 1].as_secs_f64() * 1000.0;
+        out.push_str(&format!(" p{p}={ms:.1}"));
+    }
+    out
+}
+
+/// Why a session failed, as a short tag for counting (`http_503`, `connect_timeout`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FailureKind {
+    HttpStatus(u16),
+    ConnectTimeout,
+    IceFailed,
+    Closed,
+}
+
+impl std::fmt::Display for FailureKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::HttpStatus(s) => write!(f, "http_{s}"),
+            Self::ConnectTimeout => f.write_str("connect_timeout"),
+            Self::IceFailed => f.write_str("ice_failed"),
+            Self::Closed => f.write_str("connection_closed"),
+        }
+    }
+}
+
+/// An error carrying its [`FailureKind`]; the message is what the user sees.
+#[derive(Debug)]
+struct Failure {
+    kind: FailureKind,
+    message: String,
+}
+
+impl Failure {
+    fn err(kind: FailureKind, message: String) -> anyhow::Error {
+        anyhow::Error::new(Self { kind, message })
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+fn failure_kind(e: &anyhow::Error) -> String {
+    for cause in e.chain() {
+        if let Some(f) = cause.downcast_ref::<Failure>() {
+            return f.kind.to_string();
+        }
+        if let Some(r) = cause.downcast_ref::<reqwest::Error>() {
+            return if r.is_timeout() {
+                "http_timeout"
+            } else if r.is_connect() {
+                "http_connect"
+            } else {
+                "http_error"
+            }
+            .to_owned();
+        }
+    }
+    "other".to_owned()
+}
+
+/// How often the load generator logs its progress.
+const LOAD_PROGRESS_INTERVAL: Duration = Duration::from_secs(5);
+
+/// `--sessions N` (N > 1): demuxes the file once, then starts the sessions (`ramp` per second,
+/// or all at once), each stopping after `limit` from its own start, at the end of the file
+/// (without loop) or on Ctrl-C/SIGTERM.
+async fn run_many(
+    opts: PublishOptions,
+    sessions: u32,
+    ramp: Option<f64>,
+    limit: Option<Duration>,
+) -> anyhow::Result<()> {
+    // Check every URL before loading anything.
+    for n in [0, sessions - 1] {
+        parse_whip_url(&session_url(&opts.url, n))?;
+    }
+    let file = opts.file.clone();
+    let clip = tokio::task::spawn_blocking(move || Clip::load(&file))
+        .await
+        .context("demuxer thread failed")??;
+    let clip = Arc::new(clip);
     info!(
-        video_frames = stats.video_frames,
-        keyframes = stats.keyframes,
-        audio_frames = stats.audio_frames,
-        bytes = stats.bytes,
-        loops = stats.loops,
-        keyframe_requests = stats.keyframe_requests,
-        whole_file = stats.finished,
-        "publish done after {:.1} s of media",
-        stats.media_time.as_secs_f64()
+        file = %opts.file.display(),
+        video = clip.info.video,
+        audio = clip.info.audio,
+        frames = clip.frames.len(),
+        bytes = clip.bytes,
+        "file loaded; starting {sessions} sessions towards {}",
+        opts.url
     );
+    let http = http_client()?;
+    let live = Arc::new(Live::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let started = Instant::now();
+    let t0 = tokio::time::Instant::now();
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..sessions {
+        let at = match ramp {
+            Some(r) => t0 + Duration::from_secs_f64(f64::from(n) / r),
+            None => t0,
+        };
+        let mut opts = opts.clone();
+        opts.url = session_url(&opts.url, n);
+        let (clip, http, live, mut stop) =
+            (clip.clone(), http.clone(), live.clone(), stop_rx.clone());
+        let span = tracing::info_span!("session", n);
+        tasks.spawn(
+            async move {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(at) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                live.started.fetch_add(1, Ordering::Relaxed);
+                let shutdown = async move {
+                    let limit = async {
+                        match limit {
+                            Some(d) => tokio::time::sleep(d).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => {}
+                        _ = limit => {}
+                    }
+                };
+                let url = match parse_whip_url(&opts.url) {
+                    Ok(u) => u,
+                    Err(e) => {
+                        warn!("{e:#}");
+                        live.failed(&e);
+                        return;
+                    }
+                };
+                let session = Session {
+                    opts: &opts,
+                    url: &url,
+                    http: &http,
+                    info: clip.info,
+                    verbose: false,
+                    live: Some(live.clone()),
+                };
+                let mut stats = PublishStats::default();
+                if let Err(e) = session.run(Source::Clip(clip), shutdown, &mut stats).await {
+                    warn!("session failed: {e:#}");
+                    live.failed(&e);
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    let mut signal = pin!(termination_signal());
+    let mut progress =
+        tokio::time::interval_at(t0 + LOAD_PROGRESS_INTERVAL, LOAD_PROGRESS_INTERVAL);
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            joined = tasks.join_next() => match joined {
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    warn!("a session task ended abnormally: {e}");
+                    live.failed.fetch_add(1, Ordering::Relaxed);
+                    *lock(&live.errors).entry("panic".to_owned()).or_default() += 1;
+                }
+                None => break,
+            },
+            _ = &mut signal, if !stopping => {
+                stopping = true;
+                let _ = stop_tx.send(true);
+            }
+            _ = progress.tick() => {
+                let running = tasks.len();
+                info!(
+                    "{running} sessions running; {}",
+                    live.summary(sessions, started.elapsed()).replace('\n', "; ")
+                );
+            }
+        }
+    }
+    println!("{}", live.summary(sessions, started.elapsed()));
+    let failed = live.failed.load(Ordering::Relaxed);
+    if failed > 0 {
+        bail!("{failed} of {sessions} sessions failed");
+    }
     Ok(())
 }
 
@@ -197,11 +506,16 @@ async fn termination_signal() {
 /// Returns an error for HTTP failures (with status and body), unreadable or unsupported files,
 /// and ICE/DTLS failures. Stopping through `shutdown` is a success.
 pub async fn publish(opts: PublishOptions, shutdown: impl Future) -> anyhow::Result<PublishStats> {
-    let url = Url::parse(&opts.url).with_context(|| format!("invalid WHIP URL {:?}", opts.url))?;
-    if !matches!(url.scheme(), "http" | "https") {
-        bail!("WHIP URL must be http:// or https://, got {url}");
-    }
-    let mut shutdown = pin!(shutdown);
+    publish_with(opts, shutdown, None, true).await
+}
+
+async fn publish_with(
+    opts: PublishOptions,
+    shutdown: impl Future,
+    live: Option<Arc<Live>>,
+    verbose: bool,
+) -> anyhow::Result<PublishStats> {
+    let url = parse_whip_url(&opts.url)?;
 
     // Open the file first: a bad file should fail before we talk to the server.
     let file = opts.file.clone();
@@ -215,86 +529,165 @@ pub async fn publish(opts: PublishOptions, shutdown: impl Future) -> anyhow::Res
         audio = info.audio,
         "publishing to {url}"
     );
-
+    let http = http_client()?;
+    let session = Session {
+        opts: &opts,
+        url: &url,
+        http: &http,
+        info,
+        verbose,
+        live,
+    };
     let mut stats = PublishStats::default();
-    let http = reqwest::Client::builder()
+    session
+        .run(Source::Demux(demuxer), shutdown, &mut stats)
+        .await
+        .map(|()| stats)
+}
+
+fn parse_whip_url(s: &str) -> anyhow::Result<Url> {
+    let url = Url::parse(s).with_context(|| format!("invalid WHIP URL {s:?}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        bail!("WHIP URL must be http:// or https://, got {url}");
+    }
+    Ok(url)
+}
+
+fn http_client() -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(30))
         .build()
-        .context("building HTTP client")?;
+        .context("building HTTP client")
+}
 
-    let socket = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
-        .await
-        .context("binding a UDP socket")?;
-    let port = socket.local_addr().context("UDP socket address")?.port();
-
-    let mut rtc = RtcConfig::new()
-        .set_crypto_provider(std::sync::Arc::new(str0m::crypto::from_feature_flags()))
-        .clear_codecs()
-        .enable_h264(true)
-        .enable_opus(true, false)
-        .build(Instant::now());
-
-    let mut locals = LocalAddrs::new(port);
-    for ip in resolve_host(&url).await? {
-        locals.route_to(ip);
-    }
-    for addr in locals.candidates() {
-        add_host_candidate(&mut rtc, addr);
-    }
-
-    let mut api = rtc.sdp_api();
-    let video_mid = info
-        .video
-        .then(|| api.add_media(MediaKind::Video, Direction::SendOnly, None, None, None));
-    let audio_mid = info
-        .audio
-        .then(|| api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None));
-    let (offer, pending) = api
-        .apply()
-        .ok_or_else(|| anyhow!("str0m produced no SDP offer"))?;
-    let offer = offer.to_sdp_string();
-    debug!("SDP offer:\n{offer}");
-
-    let session = tokio::select! {
-        r = post_offer(&http, &url, opts.token.as_deref(), offer) => r?,
-        _ = &mut shutdown => {
-            info!("stopped before the WHIP server answered");
-            return Ok(stats);
+/// Logs at info for a lone session, at debug for one of many (`--sessions`).
+macro_rules! note {
+    ($verbose:expr, $($arg:tt)+) => {
+        if $verbose {
+            info!($($arg)+)
+        } else {
+            debug!($($arg)+)
         }
     };
-    info!(location = %session.location, "WHIP session created");
-    stats.location = Some(session.location.clone());
+}
 
-    let result = async {
-        accept_answer(&mut rtc, pending, &session.answer)?;
-        for ip in remote_candidate_ips(&session.answer) {
-            if let Some(addr) = locals.route_to(ip) {
-                add_host_candidate(&mut rtc, addr);
+/// Where a session's frames come from.
+enum Source {
+    /// Read from the file as we go, on a blocking thread (one session).
+    Demux(Demuxer),
+    /// Demuxed once into memory, shared by every session.
+    Clip(Arc<Clip>),
+}
+
+/// One WHIP session: its signalling, its `Rtc`, its socket.
+struct Session<'a> {
+    opts: &'a PublishOptions,
+    url: &'a Url,
+    http: &'a reqwest::Client,
+    info: MediaInfo,
+    verbose: bool,
+    live: Option<Arc<Live>>,
+}
+
+impl Session<'_> {
+    async fn run(
+        &self,
+        source: Source,
+        shutdown: impl Future,
+        stats: &mut PublishStats,
+    ) -> anyhow::Result<()> {
+        let (opts, url, info) = (self.opts, self.url, self.info);
+        let mut shutdown = pin!(shutdown);
+        let socket = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
+            .await
+            .context("binding a UDP socket")?;
+        let port = socket.local_addr().context("UDP socket address")?.port();
+
+        let mut rtc = RtcConfig::new()
+            .set_crypto_provider(Arc::new(str0m::crypto::from_feature_flags()))
+            .clear_codecs()
+            .enable_h264(true)
+            .enable_opus(true, false)
+            .build(Instant::now());
+
+        let mut locals = LocalAddrs::new(port);
+        for ip in resolve_host(url).await? {
+            locals.route_to(ip);
+        }
+        for addr in locals.candidates() {
+            add_host_candidate(&mut rtc, addr);
+        }
+
+        let mut api = rtc.sdp_api();
+        let video_mid = info
+            .video
+            .then(|| api.add_media(MediaKind::Video, Direction::SendOnly, None, None, None));
+        let audio_mid = info
+            .audio
+            .then(|| api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None));
+        let (offer, pending) = api
+            .apply()
+            .ok_or_else(|| anyhow!("str0m produced no SDP offer"))?;
+        let offer = offer.to_sdp_string();
+        debug!("SDP offer:\n{offer}");
+
+        let posted = Instant::now();
+        let session = tokio::select! {
+            r = post_offer(self.http, url, opts.token.as_deref(), offer) => r?,
+            _ = &mut shutdown => {
+                note!(self.verbose, "stopped before the WHIP server answered");
+                return Ok(());
             }
-        }
-        let video = video_mid.map(|mid| Track::new(&mut rtc, mid, Codec::H264, info.h264_profile));
-        let audio = audio_mid.map(|mid| Track::new(&mut rtc, mid, Codec::Opus, None));
-        if video.as_ref().is_none_or(|t| t.pt.is_none())
-            && audio.as_ref().is_none_or(|t| t.pt.is_none())
-        {
-            bail!("the WHIP server accepted neither H264 video nor Opus audio");
-        }
-        let driver = Driver {
-            rtc,
-            socket,
-            locals,
-            video,
-            audio,
-            opts: &opts,
-            stats: &mut stats,
         };
-        driver.run(demuxer, shutdown.as_mut()).await
-    }
-    .await;
+        let setup = posted.elapsed();
+        stats.post_to_201 = Some(setup);
+        if let Some(live) = &self.live {
+            lock(&live.post_to_201).push(setup);
+        }
+        note!(self.verbose, location = %session.location, "WHIP session created");
+        stats.location = Some(session.location.clone());
 
-    delete_session(&http, &session.location, opts.token.as_deref()).await;
-    result.map(|()| stats)
+        let result = async {
+            accept_answer(&mut rtc, pending, &session.answer)?;
+            for ip in remote_candidate_ips(&session.answer) {
+                if let Some(addr) = locals.route_to(ip) {
+                    add_host_candidate(&mut rtc, addr);
+                }
+            }
+            let video =
+                video_mid.map(|mid| Track::new(&mut rtc, mid, Codec::H264, info.h264_profile));
+            let audio = audio_mid.map(|mid| Track::new(&mut rtc, mid, Codec::Opus, None));
+            if video.as_ref().is_none_or(|t| t.pt.is_none())
+                && audio.as_ref().is_none_or(|t| t.pt.is_none())
+            {
+                bail!("the WHIP server accepted neither H264 video nor Opus audio");
+            }
+            let driver = Driver {
+                rtc,
+                socket,
+                locals,
+                video,
+                audio,
+                opts,
+                stats: &mut *stats,
+                verbose: self.verbose,
+                live: self.live.as_deref(),
+                posted,
+            };
+            driver.run(source, shutdown.as_mut()).await
+        }
+        .await;
+
+        delete_session(
+            self.http,
+            &session.location,
+            opts.token.as_deref(),
+            self.verbose,
+        )
+        .await;
+        result
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -342,10 +735,13 @@ async fn post_offer(
         .await
         .with_context(|| format!("reading the answer to POST {url}"))?;
     if status != reqwest::StatusCode::CREATED {
-        bail!(
-            "WHIP server refused the offer: POST {url} returned {status}{}",
-            error_body(&body)
-        );
+        return Err(Failure::err(
+            FailureKind::HttpStatus(status.as_u16()),
+            format!(
+                "WHIP server refused the offer: POST {url} returned {status}{}",
+                error_body(&body)
+            ),
+        ));
     }
     let location = match location {
         Some(Ok(l)) => base
@@ -380,7 +776,12 @@ fn error_body(body: &str) -> String {
     format!(": {}{more}", &body[..end])
 }
 
-async fn delete_session(http: &reqwest::Client, location: &Url, token: Option<&str>) {
+async fn delete_session(
+    http: &reqwest::Client,
+    location: &Url,
+    token: Option<&str>,
+    verbose: bool,
+) {
     let mut req = http
         .delete(location.clone())
         .timeout(Duration::from_secs(5));
@@ -388,7 +789,7 @@ async fn delete_session(http: &reqwest::Client, location: &Url, token: Option<&s
         req = req.bearer_auth(token);
     }
     match req.send().await {
-        Ok(resp) if resp.status().is_success() => info!("WHIP session deleted"),
+        Ok(resp) if resp.status().is_success() => note!(verbose, "WHIP session deleted"),
         Ok(resp) => {
             let status = resp.status();
             let body = resp.text().await.unwrap_or_default();
@@ -592,6 +993,12 @@ struct Driver<'a> {
     audio: Option<Track>,
     opts: &'a PublishOptions,
     stats: &'a mut PublishStats,
+    /// Lone session: progress and state changes at info.
+    verbose: bool,
+    /// Shared counters of a multi-session run.
+    live: Option<&'a Live>,
+    /// When the POST was sent.
+    posted: Instant,
 }
 
 const FRAME_QUEUE: usize = 64;
@@ -601,20 +1008,29 @@ const DISCONNECT_GRACE: Duration = Duration::from_secs(5);
 impl Driver<'_> {
     async fn run(
         mut self,
-        demuxer: Demuxer,
+        source: Source,
         mut shutdown: std::pin::Pin<&mut impl Future>,
     ) -> anyhow::Result<()> {
-        let (tx, mut rx) = mpsc::channel::<MediaFrame>(FRAME_QUEUE);
         let loop_ = self.opts.loop_;
-        let demux_task = tokio::task::spawn_blocking(move || {
-            let mut demuxer = demuxer;
-            demuxer.pump(&tx, loop_)
-        });
+        let (mut frames, demux_task) = match source {
+            Source::Demux(demuxer) => {
+                let (tx, rx) = mpsc::channel::<MediaFrame>(FRAME_QUEUE);
+                let task = tokio::task::spawn_blocking(move || {
+                    let mut demuxer = demuxer;
+                    demuxer.pump(&tx, loop_)
+                });
+                (Frames::Channel(rx), Some(task))
+            }
+            Source::Clip(clip) => (Frames::Clip(ClipCursor::new(clip, loop_)), None),
+        };
 
-        let result = self.event_loop(&mut rx, shutdown.as_mut()).await;
+        let result = self.event_loop(&mut frames, shutdown.as_mut()).await;
         // Stop the demuxer (its next send fails) and collect its outcome.
-        drop(rx);
-        let demux_result = demux_task.await;
+        drop(frames);
+        let demux_result = match demux_task {
+            Some(task) => task.await,
+            None => Ok(Ok(())),
+        };
         self.rtc.disconnect();
         result?;
         match demux_result {
@@ -626,7 +1042,7 @@ impl Driver<'_> {
 
     async fn event_loop(
         &mut self,
-        rx: &mut mpsc::Receiver<MediaFrame>,
+        frames: &mut Frames,
         mut shutdown: std::pin::Pin<&mut impl Future>,
     ) -> anyhow::Result<()> {
         let mut buf = vec![0u8; 2048];
@@ -642,11 +1058,14 @@ impl Driver<'_> {
                 .drain(&mut disconnected_since, &mut media_start)
                 .await?;
             if !self.rtc.is_alive() {
-                bail!("the WebRTC connection was closed");
+                return Err(Failure::err(
+                    FailureKind::Closed,
+                    "the WebRTC connection was closed".to_owned(),
+                ));
             }
             if eof && pending.is_none() {
                 self.stats.finished = true;
-                info!("end of file reached");
+                note!(self.verbose, "end of file reached");
                 break;
             }
             let connected = media_start.is_some();
@@ -658,19 +1077,26 @@ impl Driver<'_> {
             tokio::select! {
                 biased;
                 _ = &mut shutdown => {
-                    info!("stopping");
+                    note!(self.verbose, "stopping");
                     break;
                 }
                 _ = tokio::time::sleep_until(connect_deadline), if !connected => {
-                    bail!(
-                        "no ICE/DTLS connection to the WHIP server after {:?}",
-                        self.opts.connect_timeout
-                    );
+                    return Err(Failure::err(
+                        FailureKind::ConnectTimeout,
+                        format!(
+                            "no ICE/DTLS connection to the WHIP server after {:?}",
+                            self.opts.connect_timeout
+                        ),
+                    ));
                 }
                 _ = sleep_until_opt(disconnected_since.map(|t| t + DISCONNECT_GRACE)),
                     if disconnected_since.is_some() =>
                 {
-                    bail!("ICE connection to the WHIP server failed (no working candidate pair)");
+                    return Err(Failure::err(
+                        FailureKind::IceFailed,
+                        "ICE connection to the WHIP server failed (no working candidate pair)"
+                            .to_owned(),
+                    ));
                 }
                 r = self.socket.recv_from(&mut buf) => match r {
                     Ok((n, source)) => self.receive(&buf[..n], source)?,
@@ -686,11 +1112,11 @@ impl Driver<'_> {
                         self.write(frame, start)?;
                     }
                 }
-                f = rx.recv(), if pending.is_none() && connected && !eof => match f {
+                f = frames.next(), if pending.is_none() && connected && !eof => match f {
                     Some(frame) => pending = Some(frame),
                     None => eof = true,
                 },
-                _ = tokio::time::sleep_until(next_progress), if connected => {
+                _ = tokio::time::sleep_until(next_progress), if connected && self.verbose => {
                     next_progress += self.opts.progress_interval;
                     self.log_progress(media_start);
                 }
@@ -718,14 +1144,22 @@ impl Driver<'_> {
             {
                 Output::Timeout(t) => return Ok(t),
                 Output::Transmit(t) => {
-                    if let Err(e) = self.socket.send_to(&t.contents, t.destination).await {
-                        debug!("UDP send to {} failed: {e}", t.destination);
+                    match self.socket.send_to(&t.contents, t.destination).await {
+                        Ok(n) => {
+                            self.stats.packets_sent += 1;
+                            self.stats.packet_bytes_sent += n as u64;
+                            if let Some(live) = self.live {
+                                live.packets.fetch_add(1, Ordering::Relaxed);
+                                live.bytes.fetch_add(n as u64, Ordering::Relaxed);
+                            }
+                        }
+                        Err(e) => debug!("UDP send to {} failed: {e}", t.destination),
                     }
                 }
                 Output::Event(e) => match e {
                     Event::Connected => {
                         if media_start.is_none() {
-                            info!("connected (ICE + DTLS), sending media");
+                            note!(self.verbose, "connected (ICE + DTLS), sending media");
                             *media_start = Some(Instant::now());
                             self.stats.connected = true;
                         }
@@ -746,7 +1180,7 @@ impl Driver<'_> {
                     }
                     Event::KeyframeRequest(req) => {
                         self.stats.keyframe_requests += 1;
-                        if self.stats.keyframe_requests == 1 {
+                        if self.stats.keyframe_requests == 1 && self.verbose {
                             info!(
                                 mid = %req.mid,
                                 kind = ?req.kind,
@@ -810,6 +1244,14 @@ impl Driver<'_> {
                 frame.data,
             )
             .map_err(|e| anyhow!("writing {:?} frame: {e}", frame.kind))?;
+        if self.stats.post_to_media.is_none() {
+            let t = self.posted.elapsed();
+            self.stats.post_to_media = Some(t);
+            if let Some(live) = self.live {
+                lock(&live.post_to_media).push(t);
+                live.up.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         self.stats.bytes += len;
         self.stats.loops = self.stats.loops.max(frame.pass);
         match frame.kind {
@@ -875,8 +1317,8 @@ pub struct MediaFrame {
     pub send_at: Duration,
     /// Presentation time in microseconds on the same timeline (used for the RTP timestamp).
     pub pts_us: u64,
-    /// Annex B H264 access unit, or one Opus packet.
-    pub data: Vec<u8>,
+    /// Annex B H264 access unit, or one Opus packet (shared, never copied per session).
+    pub data: Arc<[u8]>,
     /// Pass through the file: 0 the first time, 1 after the first restart (`--loop`), ...
     pub pass: u64,
 }
@@ -888,6 +1330,106 @@ pub struct MediaInfo {
     pub audio: bool,
     /// `profile_idc << 16 | constraint flags << 8 | level_idc` from the first SPS.
     pub h264_profile: Option<u32>,
+}
+
+/// Frames for the event loop: from the demuxer thread, or replayed from memory.
+enum Frames {
+    Channel(mpsc::Receiver<MediaFrame>),
+    Clip(ClipCursor),
+}
+
+impl Frames {
+    /// The next frame; `None` at the end. Cancel-safe.
+    async fn next(&mut self) -> Option<MediaFrame> {
+        match self {
+            Self::Channel(rx) => rx.recv().await,
+            Self::Clip(c) => c.next(),
+        }
+    }
+}
+
+/// Largest file `--sessions` holds in memory.
+const MAX_CLIP_BYTES: u64 = 1 << 30;
+
+/// A whole file demuxed into memory, shared by the sessions of a load run.
+pub struct Clip {
+    pub info: MediaInfo,
+    /// One pass, in file order, on a timeline starting at 0.
+    pub frames: Vec<MediaFrame>,
+    /// Length of one pass (end of its latest frame): the offset added per loop.
+    pub pass_len_us: u64,
+    /// Payload bytes of all frames.
+    pub bytes: u64,
+}
+
+impl Clip {
+    /// Demuxes `path` to the end (blocking).
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let mut demuxer = Demuxer::open(path)?;
+        let mut frames = Vec::new();
+        let mut bytes = 0u64;
+        while let Some(frame) = demuxer.next_frame()? {
+            bytes += frame.data.len() as u64;
+            if bytes > MAX_CLIP_BYTES {
+                bail!(
+                    "{} holds more than {} MiB of media: too large to replay from memory with                      --sessions",
+                    path.display(),
+                    MAX_CLIP_BYTES >> 20
+                );
+            }
+            frames.push(frame);
+        }
+        if frames.is_empty() {
+            bail!("{} has no H264 or Opus frames", path.display());
+        }
+        Ok(Self {
+            info: demuxer.info(),
+            frames,
+            pass_len_us: demuxer.end_us.max(0).unsigned_abs(),
+            bytes,
+        })
+    }
+}
+
+/// A session's position in a shared [`Clip`]; looping shifts timestamps by one pass each time,
+/// as [`Demuxer::restart`] does.
+struct ClipCursor {
+    clip: Arc<Clip>,
+    index: usize,
+    pass: u64,
+    loop_: bool,
+}
+
+impl ClipCursor {
+    fn new(clip: Arc<Clip>, loop_: bool) -> Self {
+        Self {
+            clip,
+            index: 0,
+            pass: 0,
+            loop_,
+        }
+    }
+
+    fn next(&mut self) -> Option<MediaFrame> {
+        if self.index >= self.clip.frames.len() {
+            if !self.loop_ || self.clip.frames.is_empty() {
+                return None;
+            }
+            self.index = 0;
+            self.pass += 1;
+        }
+        let f = &self.clip.frames[self.index];
+        self.index += 1;
+        let offset_us = self.clip.pass_len_us.saturating_mul(self.pass);
+        Some(MediaFrame {
+            kind: f.kind,
+            key: f.key,
+            send_at: f.send_at + Duration::from_micros(offset_us),
+            pts_us: f.pts_us.saturating_add(offset_us),
+            data: f.data.clone(),
+            pass: self.pass,
+        })
+    }
 }
 
 struct StreamSel {
@@ -1029,7 +1571,7 @@ impl Demuxer {
                 key,
                 send_at: Duration::from_micros(send_out.max(0).unsigned_abs()),
                 pts_us: pts_out.max(0).unsigned_abs(),
-                data,
+                data: data.into(),
                 pass: self.loops,
             }));
         }
@@ -1518,6 +2060,46 @@ mod tests {
         let f = d.next_frame().unwrap().unwrap();
         assert!(f.send_at > last_first_pass, "{:?}", f.send_at);
         assert!(f.send_at < last_first_pass + Duration::from_millis(60));
+    }
+
+    #[test]
+    fn clip_replays_like_the_demuxer() {
+        let clip = Arc::new(Clip::load(&sample_path()).unwrap());
+        let mut d = Demuxer::open(&sample_path()).unwrap();
+        let mut cursor = ClipCursor::new(clip.clone(), true);
+        for pass in 0..2 {
+            while let Some(want) = d.next_frame().unwrap() {
+                let got = cursor.next().unwrap();
+                assert_eq!(
+                    (got.send_at, got.pts_us, got.pass),
+                    (want.send_at, want.pts_us, pass)
+                );
+                assert_eq!(
+                    (got.kind, got.key, &got.data),
+                    (want.kind, want.key, &want.data)
+                );
+            }
+            d.restart().unwrap();
+        }
+        let mut once = ClipCursor::new(clip.clone(), false);
+        assert_eq!(
+            std::iter::from_fn(|| once.next()).count(),
+            clip.frames.len()
+        );
+    }
+
+    #[test]
+    fn summary_figures() {
+        let mut ms: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentiles(&mut ms, &[50, 99]), "n=100 p50=50.0 p99=99.0");
+        assert_eq!(percentiles(&mut [], &[50]), "n=0");
+        assert_eq!(
+            session_url("http://h/whip/s{n}?a={n}", 7),
+            "http://h/whip/s7?a=7"
+        );
+        let e = Failure::err(FailureKind::HttpStatus(503), "busy".into()).context("POST");
+        assert_eq!(failure_kind(&e), "http_503");
+        assert_eq!(failure_kind(&anyhow!("x")), "other");
     }
 
     #[test]
