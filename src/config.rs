@@ -44,6 +44,10 @@ pub struct Config {
     pub hls: HlsConfig,
     #[serde(default)]
     pub rtmp: RtmpConfig,
+    /// Who may publish beyond each stream's own tokens: tokens for every
+    /// stream, JWT, an HTTP callback.
+    #[serde(default)]
+    pub auth: AuthConfig,
     /// Settings for any stream name not listed under `[streams.NAME]`.
     #[serde(default)]
     pub stream_defaults: StreamConfig,
@@ -93,6 +97,9 @@ pub struct WebRtcConfig {
     /// A session whose client sends nothing (no consent, no media) for this
     /// long is closed, seconds.
     pub idle_timeout: f64,
+    /// Accept trickle ICE candidates (`PATCH` with
+    /// `application/trickle-ice-sdpfrag`) on session resources.
+    pub trickle: bool,
 }
 
 impl Default for WebRtcConfig {
@@ -102,6 +109,7 @@ impl Default for WebRtcConfig {
             public_addresses: Vec::new(),
             ice_servers: Vec::new(),
             idle_timeout: 15.0,
+            trickle: true,
         }
     }
 }
@@ -190,6 +198,61 @@ pub struct RtmpConfig {
     /// Extra CA certificates (PEM) trusted for `rtmps://` targets, for
     /// private origins; the system/web roots are always trusted.
     pub ca_file: Option<PathBuf>,
+}
+
+/// `[auth]`: publishing authorization on top of `streams.NAME.tokens`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Bearer tokens accepted for every stream.
+    pub tokens: Vec<String>,
+    /// Signed JSON Web Tokens naming the stream they allow.
+    pub jwt: Option<JwtConfig>,
+    /// An HTTP service that decides.
+    pub callback: Option<CallbackConfig>,
+}
+
+/// JWT signature algorithms whipgate verifies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum JwtAlgorithm {
+    HS256,
+    RS256,
+    ES256,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    pub algorithm: JwtAlgorithm,
+    /// Shared secret (HS256).
+    pub secret: Option<String>,
+    /// PEM public key (RS256: RSA, ES256: P-256).
+    pub public_key_file: Option<PathBuf>,
+    /// Required `aud` claim, when set.
+    pub audience: Option<String>,
+    /// Required `iss` claim, when set.
+    pub issuer: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`, seconds.
+    #[serde(default = "default_jwt_leeway")]
+    pub leeway: u64,
+}
+
+fn default_jwt_leeway() -> u64 {
+    30
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CallbackConfig {
+    /// `http://` or `https://` URL that gets a JSON POST per publish attempt.
+    pub url: String,
+    /// Seconds to wait for its answer (503 to the publisher beyond).
+    #[serde(default = "default_callback_timeout")]
+    pub timeout: f64,
+}
+
+fn default_callback_timeout() -> f64 {
+    2.0
 }
 
 /// Values given on the command line or in the environment; they win over
@@ -338,6 +401,15 @@ impl Config {
                 ));
             }
         }
+        if self.auth.tokens.iter().any(|t| t.len() < 8) {
+            return Err(invalid(
+                "auth.tokens",
+                "tokens must be at least 8 characters",
+            ));
+        }
+        // Builds the verifiers once: keys that cannot be read or parsed,
+        // missing secrets and bad callback URLs are named here.
+        crate::auth::Auth::new(&self.auth)?;
         for name in self.streams.keys() {
             if !valid_stream_name(name) {
                 return Err(invalid(

@@ -26,6 +26,12 @@ pub enum AppError {
     StreamBusy(String),
     #[error("server is at capacity")]
     Overloaded,
+    #[error("{0}")]
+    AuthUnavailable(String),
+    #[error("this request needs an If-Match header with the session's ETag")]
+    PreconditionRequired,
+    #[error("If-Match does not match the session's current ETag")]
+    PreconditionFailed,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -40,7 +46,9 @@ impl AppError {
             AppError::StreamDisabled(_) | AppError::Forbidden(_) => StatusCode::FORBIDDEN,
             AppError::NotFound => StatusCode::NOT_FOUND,
             AppError::StreamBusy(_) => StatusCode::CONFLICT,
-            AppError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::Overloaded | AppError::AuthUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::PreconditionRequired => StatusCode::PRECONDITION_REQUIRED,
+            AppError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -63,7 +71,7 @@ impl IntoResponse for AppError {
                     HeaderValue::from_static("Bearer realm=\"whipgate\""),
                 );
             }
-            AppError::Overloaded => {
+            AppError::Overloaded | AppError::AuthUnavailable(_) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
             _ => {}

@@ -1,6 +1,7 @@
 //! whipgate: WHIP (WebRTC) ingest to HLS. The binary (`main.rs`) is a thin
 //! CLI over this library.
 
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod hls;

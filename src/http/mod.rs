@@ -7,14 +7,15 @@ mod whip;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::auth::Auth;
 use crate::error::{self, AppError};
 use crate::rtc::RtcHandle;
 use crate::streams::Streams;
@@ -27,6 +28,12 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     let body_limit = state.streams.config().server.max_body_bytes;
+    // The config was validated at load; should a key file have gone since,
+    // every publication is refused rather than let through.
+    let auth = Arc::new(Auth::new(&state.streams.config().auth).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "authorization unusable: refusing every publication");
+        Auth::refusing(format!("authorization is misconfigured: {e}"))
+    }));
     Router::new()
         .route(
             "/whip/{stream}",
@@ -38,12 +45,14 @@ pub fn router(state: AppState) -> Router {
             "/whip/{stream}/{session}",
             axum::routing::delete(whip::delete)
                 .patch(whip::patch)
+                .get(whip::get_session)
                 .options(whip::options_session),
         )
         .route("/hls/{stream}/{file}", get(hls::get))
         .nest("/api/v1", api_routes(state.clone()))
         .fallback(|| async { AppError::NotFound })
         .with_state(state)
+        .layer(Extension(auth))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::map_response(finish))
         .layer(TimeoutLayer::with_status_code(

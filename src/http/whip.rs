@@ -1,21 +1,29 @@
 //! The WHIP endpoint (RFC 9725): `POST /whip/{stream}` creates a session,
+//! `PATCH /whip/{stream}/{session}` trickles ICE candidates into it,
 //! `DELETE /whip/{stream}/{session}` ends it.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::Extension;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use subtle::ConstantTimeEq;
 
 use super::AppState;
+use crate::auth::{Auth, bearer_token};
 use crate::config::{Takeover, valid_stream_name};
 use crate::error::AppError;
 use crate::hub::Publication;
-use crate::rtc::{RtcError, offer};
+use crate::rtc::{RtcError, offer, trickle};
 use crate::streams::{SessionInfo, lock};
+
+const TRICKLE_TYPE: &str = "application/trickle-ice-sdpfrag";
+
+/// The client's address, when the server runs with connect info.
+type Peer = Option<Extension<ConnectInfo<SocketAddr>>>;
 
 /// A publisher that sent no frame for this long may be replaced.
 const STALE_AFTER: Duration = Duration::from_secs(3);
@@ -24,6 +32,8 @@ const CONNECT_GRACE: Duration = Duration::from_secs(5);
 
 pub async fn post(
     State(app): State<AppState>,
+    Extension(auth): Extension<Arc<Auth>>,
+    peer: Peer,
     Path(stream_name): Path<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -33,7 +43,15 @@ pub async fn post(
         return Err(AppError::NotFound);
     }
     let settings = app.streams.config().stream(&stream_name).clone();
-    authorize(&headers, &settings.tokens)?;
+    let client_ip = peer.map(|Extension(ConnectInfo(a))| a.ip());
+    let grant = auth
+        .authorize_publish(
+            &stream_name,
+            &settings.tokens,
+            bearer_token(&headers),
+            client_ip,
+        )
+        .await?;
     if !settings.enabled {
         return Err(AppError::StreamDisabled(stream_name));
     }
@@ -74,6 +92,8 @@ pub async fn post(
     }
 
     let id = crate::rtc::random_id(16);
+    // Before the session exists, so that its end always forgets it.
+    auth.bind_session(&id, &grant);
     let publication = Publication {
         id: app.streams.next_publication_id(),
         video: accepted.video.is_some(),
@@ -81,6 +101,7 @@ pub async fn post(
     };
     let streams = app.streams.clone();
     let closing_id = id.clone();
+    let closing_auth = auth.clone();
     let created = app
         .rtc
         .create(
@@ -89,13 +110,19 @@ pub async fn post(
             accepted,
             stream.hub.clone(),
             publication,
-            Box::new(move || streams.remove_session(&closing_id)),
+            Box::new(move || {
+                streams.remove_session(&closing_id);
+                closing_auth.forget_session(&closing_id);
+            }),
         )
         .await
-        .map_err(|e| match e {
-            RtcError::Sdp(m) => AppError::BadSdp(m),
-            RtcError::Negotiation(m) => AppError::Unacceptable(m),
-            RtcError::Gone => AppError::Internal(e.to_string()),
+        .map_err(|e| {
+            auth.forget_session(&id);
+            match e {
+                RtcError::Sdp(m) => AppError::BadSdp(m),
+                RtcError::Negotiation(m) => AppError::Unacceptable(m),
+                RtcError::Gone | RtcError::UnknownSession => AppError::Internal(e.to_string()),
+            }
         })?;
     let info = Arc::new(SessionInfo {
         id: id.clone(),
@@ -115,6 +142,9 @@ pub async fn post(
     );
     insert(h, header::LOCATION, &location);
     insert(h, header::ETAG, &created.etag);
+    if app.streams.config().webrtc.trickle {
+        h.insert("accept-patch", HeaderValue::from_static(TRICKLE_TYPE));
+    }
     for link in ice_server_links(&app) {
         if let Ok(v) = HeaderValue::from_str(&link) {
             h.append(header::LINK, v);
@@ -124,50 +154,137 @@ pub async fn post(
     Ok(resp)
 }
 
+/// The session `session` of `stream_name`, if the request may touch it:
+/// 404 for an unknown one, 401 without the token it was created with.
+fn session_for(
+    app: &AppState,
+    auth: &Auth,
+    stream_name: &str,
+    session: &str,
+    headers: &HeaderMap,
+) -> Result<Arc<SessionInfo>, AppError> {
+    let info = app
+        .streams
+        .session(session)
+        .filter(|s| s.stream == stream_name)
+        .ok_or(AppError::NotFound)?;
+    auth.check_session(&info.id, bearer_token(headers))?;
+    Ok(info)
+}
+
+/// `DELETE` on a session: 200, everything freed. Its `If-Match` (if any)
+/// is ignored (RFC 9725 §4.2).
 pub async fn delete(
     State(app): State<AppState>,
+    Extension(auth): Extension<Arc<Auth>>,
     Path((stream_name, session)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, AppError> {
-    let info = app
-        .streams
-        .session(&session)
-        .filter(|s| s.stream == stream_name)
-        .ok_or(AppError::NotFound)?;
-    // The session id is a 128-bit secret; a configured token is checked too.
-    let settings = app.streams.config().stream(&stream_name);
-    authorize(&headers, &settings.tokens)?;
+    let info = session_for(&app, &auth, &stream_name, &session, &headers)?;
     app.rtc.close(&info.id).await;
     app.streams.remove_session(&info.id);
+    auth.forget_session(&info.id);
     Ok(StatusCode::OK.into_response())
 }
 
-/// `PATCH` on a session: trickle ICE and ICE restarts are not offered yet
-/// (the server is ICE-lite and learns the client's address from its checks).
+/// `GET` on a session: 2xx, no body (RFC 9725 §4.1).
+pub async fn get_session(
+    State(app): State<AppState>,
+    Extension(auth): Extension<Arc<Auth>>,
+    Path((stream_name, session)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, AppError> {
+    session_for(&app, &auth, &stream_name, &session, &headers)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `PATCH` on a session: trickle ICE (RFC 9725 §4.3.1). ICE restarts
+/// (`If-Match: "*"`) are not offered yet: 422.
 pub async fn patch(
     State(app): State<AppState>,
+    Extension(auth): Extension<Arc<Auth>>,
     Path((stream_name, session)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
 ) -> Result<Response, AppError> {
-    app.streams
-        .session(&session)
-        .filter(|s| s.stream == stream_name)
-        .ok_or(AppError::NotFound)?;
-    let mut resp = StatusCode::METHOD_NOT_ALLOWED.into_response();
-    resp.headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static("OPTIONS, DELETE"));
-    Ok(resp)
+    let info = session_for(&app, &auth, &stream_name, &session, &headers)?;
+    let trickle_on = app.streams.config().webrtc.trickle;
+    if !trickle_on {
+        return Err(AppError::Unacceptable(
+            "trickle ICE is turned off on this server (webrtc.trickle = false); \
+             the SDP offer must carry every candidate"
+                .into(),
+        ));
+    }
+    if !content_type_is(&headers, TRICKLE_TYPE) {
+        let mut resp = AppError::UnsupportedMediaType {
+            expected: TRICKLE_TYPE,
+        }
+        .into_response();
+        resp.headers_mut()
+            .insert("accept-patch", HeaderValue::from_static(TRICKLE_TYPE));
+        return Ok(resp);
+    }
+    let if_match = headers
+        .get(header::IF_MATCH)
+        .ok_or(AppError::PreconditionRequired)?
+        .to_str()
+        .map_err(|_| AppError::PreconditionFailed)?
+        .trim();
+    if if_match == "*" {
+        return Err(AppError::Unacceptable(
+            "ICE restart (If-Match: \"*\") is not supported yet: \
+             end this session with DELETE and POST a new offer"
+                .into(),
+        ));
+    }
+    // Strong comparison (RFC 9110 §13.1.1): any listed tag equal to ours.
+    if !if_match.split(',').any(|t| t.trim() == info.etag) {
+        return Err(AppError::PreconditionFailed);
+    }
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| AppError::BadRequest("the SDP fragment is not UTF-8".into()))?;
+    let fragment = trickle::parse(text)
+        .map_err(|e| AppError::BadRequest(format!("malformed SDP fragment: {e}")))?;
+    let added = app
+        .rtc
+        .add_remote_candidates(&info.id, fragment.candidates, fragment.end_of_candidates)
+        .await
+        .map_err(|e| match e {
+            RtcError::Sdp(m) => AppError::BadRequest(format!("malformed SDP fragment: {m}")),
+            RtcError::UnknownSession => AppError::NotFound,
+            _ => AppError::Internal(e.to_string()),
+        })?;
+    tracing::debug!(
+        stream = %stream_name,
+        session = %info.id,
+        added,
+        dropped = fragment.dropped,
+        end = fragment.end_of_candidates,
+        "trickle ICE"
+    );
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// `OPTIONS` on the endpoint (CORS preflight included): no ICE servers here.
 pub async fn options_endpoint() -> Response {
-    let mut resp = options("OPTIONS, POST", "Authorization, Content-Type");
+    let mut resp = options("OPTIONS, GET, POST", "Authorization, Content-Type");
     resp.headers_mut()
         .insert("accept-post", HeaderValue::from_static("application/sdp"));
     resp
 }
 
-pub async fn options_session() -> Response {
-    options("OPTIONS, DELETE", "Authorization, Content-Type, If-Match")
+/// `OPTIONS` on a session: what it supports, trickle ICE when on.
+pub async fn options_session(State(app): State<AppState>) -> Response {
+    let request_headers = "Authorization, Content-Type, If-Match";
+    if app.streams.config().webrtc.trickle {
+        let mut resp = options("OPTIONS, GET, PATCH, DELETE", request_headers);
+        resp.headers_mut()
+            .insert("accept-patch", HeaderValue::from_static(TRICKLE_TYPE));
+        resp
+    } else {
+        options("OPTIONS, GET, DELETE", request_headers)
+    }
 }
 
 fn options(methods: &'static str, request_headers: &'static str) -> Response {
@@ -188,31 +305,6 @@ fn options(methods: &'static str, request_headers: &'static str) -> Response {
 /// GET on the endpoint answers 2xx without a body (RFC 9725 §4.1).
 pub async fn get_endpoint() -> StatusCode {
     StatusCode::NO_CONTENT
-}
-
-fn authorize(headers: &HeaderMap, tokens: &[String]) -> Result<(), AppError> {
-    if tokens.is_empty() {
-        return Ok(());
-    }
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .ok_or(AppError::Unauthorized)?;
-    // Compare with every token, without stopping early.
-    let mut ok = subtle::Choice::from(0);
-    for t in tokens {
-        ok |= t.as_bytes().ct_eq(given.as_bytes());
-    }
-    if bool::from(ok) {
-        Ok(())
-    } else {
-        Err(AppError::Unauthorized)
-    }
 }
 
 fn content_type_is(headers: &HeaderMap, expected: &str) -> bool {

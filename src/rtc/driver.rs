@@ -23,6 +23,9 @@ use super::{Created, RtcError};
 use crate::hub::{Hub, KeyframeRequester, Publication};
 use crate::media::frame::TrackKind;
 
+/// Longest the driver sleeps without looking at a session.
+const MAX_SLEEP: Duration = Duration::from_millis(500);
+
 pub(super) enum Command {
     Create {
         id: String,
@@ -32,6 +35,13 @@ pub(super) enum Command {
         publication: Publication,
         on_close: Box<dyn FnOnce() + Send>,
         reply: oneshot::Sender<Result<Created, RtcError>>,
+    },
+    /// Remote candidates trickled in by a `PATCH`.
+    Trickle {
+        id: String,
+        candidates: Vec<String>,
+        end_of_candidates: bool,
+        reply: oneshot::Sender<Result<usize, RtcError>>,
     },
     Close {
         id: String,
@@ -55,6 +65,8 @@ struct Session {
     nack_on: bool,
     ingest: Ingest,
     last_input: Instant,
+    /// When str0m wants its next timeout input.
+    next_timeout: Instant,
     on_close: Option<Box<dyn FnOnce() + Send>>,
     commands: mpsc::WeakSender<Command>,
     span: tracing::Span,
@@ -113,6 +125,7 @@ impl Driver {
     pub(super) async fn run(mut self) {
         let mut buf = vec![0u8; 2048];
         let mut next_timeout = Instant::now();
+        let mut touched: Option<String> = None;
         loop {
             let sleep_until = tokio::time::Instant::from_std(next_timeout);
             tokio::select! {
@@ -131,13 +144,13 @@ impl Driver {
                 }
                 r = self.socket.recv_from(&mut buf) => {
                     match r {
-                        Ok((n, source)) => self.datagram(&buf[..n], source),
+                        Ok((n, source)) => touched = self.datagram(&buf[..n], source),
                         Err(e) => tracing::debug!(error = %e, "udp receive error"),
                     }
                 }
                 _ = tokio::time::sleep_until(sleep_until) => {}
             }
-            next_timeout = self.drive(Instant::now()).await;
+            next_timeout = self.drive(Instant::now(), touched.take()).await;
         }
     }
 
@@ -172,6 +185,7 @@ impl Driver {
                             nack_on: false,
                             ingest: Ingest::new(2),
                             last_input: Instant::now(),
+                            next_timeout: Instant::now(),
                             on_close: Some(on_close),
                             commands: self.commands_tx.clone(),
                             span,
@@ -179,6 +193,21 @@ impl Driver {
                     );
                     created
                 });
+                let _ = reply.send(result);
+            }
+            Command::Trickle {
+                id,
+                candidates,
+                end_of_candidates,
+                reply,
+            } => {
+                let result = match self.sessions.get_mut(&id) {
+                    Some(s) => {
+                        s.next_timeout = Instant::now();
+                        add_remote_candidates(s, &candidates, end_of_candidates)
+                    }
+                    None => Err(RtcError::UnknownSession),
+                };
                 let _ = reply.send(result);
             }
             Command::Close { id } => {
@@ -190,6 +219,8 @@ impl Driver {
             Command::Keyframe { id } => {
                 if let Some(s) = self.sessions.get_mut(&id) {
                     request_keyframe(s);
+                    // Poll it now so the PLI leaves at once.
+                    s.next_timeout = Instant::now();
                 }
             }
             Command::Shutdown { .. } => {}
@@ -227,9 +258,11 @@ impl Driver {
         SocketAddr::new(pick, self.port)
     }
 
-    fn datagram(&mut self, data: &[u8], source: SocketAddr) {
+    /// Hands a datagram to the session that accepts it; returns that
+    /// session's id.
+    fn datagram(&mut self, data: &[u8], source: SocketAddr) -> Option<String> {
         let Ok(contents) = data.try_into() else {
-            return; // not STUN, DTLS, RTP or RTCP
+            return None; // not STUN, DTLS, RTP or RTCP
         };
         let now = Instant::now();
         let input = Input::Receive(
@@ -251,38 +284,49 @@ impl Driver {
                 .find(|(_, s)| s.rtc.accepts(&input))
                 .map(|(id, _)| id.clone()),
         };
-        let Some(id) = id else { return };
-        let Some(s) = self.sessions.get_mut(&id) else {
-            return;
-        };
+        let id = id?;
+        let s = self.sessions.get_mut(&id)?;
         s.last_input = now;
         if let Err(e) = s.rtc.handle_input(input) {
             let _g = s.span.enter();
             tracing::debug!(error = %e, "bad input");
         }
-        self.routes.insert(source, id);
+        if self.routes.get(&source) != Some(&id) {
+            self.routes.insert(source, id.clone());
+        }
+        Some(id)
     }
 
-    /// Polls every session until each waits for a timeout; returns the
-    /// earliest deadline.
-    async fn drive(&mut self, now: Instant) -> Instant {
-        let mut next = now + Duration::from_millis(100);
+    /// Runs the sessions that have work: the one a datagram just reached
+    /// and those whose timer is due (never all of them for each packet).
+    /// Returns the earliest deadline.
+    async fn drive(&mut self, now: Instant, touched: Option<String>) -> Instant {
+        let mut next = now + MAX_SLEEP;
         let mut dead = Vec::new();
         let mut out: Vec<(Vec<u8>, SocketAddr)> = Vec::new();
         for (id, s) in self.sessions.iter_mut() {
-            if now.duration_since(s.last_input) > self.idle_timeout {
-                s.close("client went silent (no consent checks or media)");
-                dead.push(id.clone());
-                continue;
-            }
-            match poll_session(s, now, &mut out) {
-                Ok(Some(t)) => next = next.min(t),
-                Ok(None) => dead.push(id.clone()),
-                Err(reason) => {
-                    s.close(&reason);
+            let due = s.next_timeout <= now;
+            if due || touched.as_deref() == Some(id.as_str()) {
+                if now.duration_since(s.last_input) > self.idle_timeout {
+                    s.close("client went silent (no consent checks or media)");
                     dead.push(id.clone());
+                    continue;
+                }
+                match poll_session(s, now, due, &mut out) {
+                    // Wake up at least every MAX_SLEEP for the idle check.
+                    Ok(Some(t)) => s.next_timeout = t.min(now + MAX_SLEEP),
+                    Ok(None) => {
+                        dead.push(id.clone());
+                        continue;
+                    }
+                    Err(reason) => {
+                        s.close(&reason);
+                        dead.push(id.clone());
+                        continue;
+                    }
                 }
             }
+            next = next.min(s.next_timeout);
         }
         for id in dead {
             self.sessions.remove(&id);
@@ -360,10 +404,13 @@ fn negotiate(
 fn poll_session(
     s: &mut Session,
     now: Instant,
+    timer_due: bool,
     out: &mut Vec<(Vec<u8>, SocketAddr)>,
 ) -> Result<Option<Instant>, String> {
-    if let Err(e) = s.rtc.handle_input(Input::Timeout(now)) {
-        return Err(format!("webrtc error: {e}"));
+    if timer_due {
+        if let Err(e) = s.rtc.handle_input(Input::Timeout(now)) {
+            return Err(format!("webrtc error: {e}"));
+        }
     }
     loop {
         if !s.rtc.is_alive() {
@@ -436,6 +483,30 @@ fn on_event(s: &mut Session, event: Event) -> Result<(), String> {
         _ => {}
     }
     Ok(())
+}
+
+/// Parses every candidate first, so a bad one adds none.
+fn add_remote_candidates(
+    s: &mut Session,
+    candidates: &[String],
+    end_of_candidates: bool,
+) -> Result<usize, RtcError> {
+    let parsed = candidates
+        .iter()
+        .map(|c| Candidate::from_sdp_string(c).map_err(|e| RtcError::Sdp(e.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    let _g = s.span.enter();
+    let n = parsed.len();
+    for c in parsed {
+        tracing::debug!(candidate = %c.to_sdp_string(), "remote candidate trickled");
+        s.rtc.add_remote_candidate(c);
+    }
+    if end_of_candidates {
+        // ICE-lite runs no checks of its own: nothing waits for more
+        // candidates, so the end of them changes nothing here.
+        tracing::debug!("end of remote candidates");
+    }
+    Ok(n)
 }
 
 fn request_keyframe(s: &mut Session) {

@@ -5,6 +5,7 @@
 mod driver;
 mod ingest;
 pub mod offer;
+pub mod trickle;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -25,6 +26,8 @@ pub enum RtcError {
     Negotiation(String),
     #[error("the WebRTC driver is not running")]
     Gone,
+    #[error("no such session")]
+    UnknownSession,
 }
 
 /// What a new session answers.
@@ -49,7 +52,7 @@ impl RtcHandle {
         idle_timeout: Duration,
     ) -> std::io::Result<Self> {
         str0m::crypto::from_feature_flags().install_process_default();
-        let socket = tokio::net::UdpSocket::bind(listen).await?;
+        let socket = bind_udp(listen)?;
         let local_addr = socket.local_addr()?;
         let (tx, rx) = mpsc::channel(1024);
         let driver = Driver::new(socket, candidate_ips, idle_timeout, rx, tx.downgrade())?;
@@ -88,6 +91,28 @@ impl RtcHandle {
         rx.await.map_err(|_| RtcError::Gone)?
     }
 
+    /// Hands trickled remote candidates (canonical `candidate:` values from
+    /// [`trickle::parse`]) to a session's ICE agent; returns how many it
+    /// took. Nothing is added unless every candidate parses.
+    pub async fn add_remote_candidates(
+        &self,
+        id: &str,
+        candidates: Vec<String>,
+        end_of_candidates: bool,
+    ) -> Result<usize, RtcError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Trickle {
+                id: id.to_owned(),
+                candidates,
+                end_of_candidates,
+                reply,
+            })
+            .await
+            .map_err(|_| RtcError::Gone)?;
+        rx.await.map_err(|_| RtcError::Gone)?
+    }
+
     pub async fn close(&self, id: &str) {
         let _ = self.tx.send(Command::Close { id: id.to_owned() }).await;
     }
@@ -99,6 +124,34 @@ impl RtcHandle {
             let _ = rx.await;
         }
     }
+}
+
+/// Socket buffers of the shared WebRTC socket: every session's media goes
+/// through it, so the kernel's defaults (about 200 KiB) overflow in bursts
+/// (keyframes of many publishers at once). The kernel caps them at
+/// `net.core.rmem_max`/`wmem_max`; raise those for hundreds of publishers.
+const UDP_BUFFER_BYTES: usize = 8 * 1024 * 1024;
+
+fn bind_udp(listen: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(
+        Domain::for_address(listen),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    for (what, r) in [
+        ("receive", socket.set_recv_buffer_size(UDP_BUFFER_BYTES)),
+        ("send", socket.set_send_buffer_size(UDP_BUFFER_BYTES)),
+    ] {
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "cannot enlarge the UDP {what} buffer");
+        }
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&listen.into())?;
+    let received = socket.recv_buffer_size().unwrap_or(0);
+    tracing::debug!(bytes = received, "UDP receive buffer");
+    tokio::net::UdpSocket::from_std(socket.into())
 }
 
 /// A random identifier of `bytes` bytes from a CSPRNG (ChaCha seeded by the
