@@ -13,19 +13,20 @@
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use bytes::Bytes;
 use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
 use rml_rtmp::sessions::{
     ServerSession, ServerSessionConfig, ServerSessionEvent, ServerSessionResult,
 };
 use tokio::sync::watch;
+#[path = "../tests/support/sample_frames.rs"]
+mod sample_frames;
+
+use sample_frames::load_sample_frames;
 use whipgate::hub::{Hub, Publication};
-use whipgate::media::frame::{CodecParams, Frame, TrackKind};
-use whipgate::media::h264::{H264Assembler, NAL_AUD, nal_type, split_annexb};
+use whipgate::media::frame::TrackKind;
 use whipgate::rtmp::flv::timestamp_ms;
 use whipgate::rtmp::push::{self, PushOptions, PushState};
 use whipgate::rtmp::target::Target;
@@ -46,7 +47,7 @@ type Key = (bool, u32);
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let frames = load_media().context("loading samples/sample.mkv")?;
+    let frames = load_sample_frames().context("loading samples/sample.mkv")?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let port = listener.local_addr()?.port();
     let server = std::thread::spawn(move || serve(listener, Instant::now() + SERVER_LIMIT));
@@ -291,126 +292,3 @@ fn handle(
 // ---------------------------------------------------------------------------
 // Media (as in tests/rtmp_push.rs)
 // ---------------------------------------------------------------------------
-
-fn ffmpeg(args: &[&str]) -> anyhow::Result<()> {
-    let out = std::process::Command::new("ffmpeg")
-        .args(["-nostdin", "-v", "error", "-y"])
-        .args(args)
-        .output()
-        .context("running ffmpeg")?;
-    ensure!(
-        out.status.success(),
-        "ffmpeg {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-/// The sample's H264 and AAC frames on the stream timeline, in time order.
-fn load_media() -> anyhow::Result<Vec<Frame>> {
-    let dir = tempfile::tempdir()?;
-    let sample = concat!(env!("CARGO_MANIFEST_DIR"), "/samples/sample.mkv");
-    let h264 = dir.path().join("v.h264");
-    let aac = dir.path().join("a.aac");
-    // AUDs mark the access unit boundaries.
-    ffmpeg(&[
-        "-i",
-        sample,
-        "-an",
-        "-c:v",
-        "copy",
-        "-bsf:v",
-        "h264_mp4toannexb,h264_metadata=aud=insert",
-        "-f",
-        "h264",
-        h264.to_str().context("path")?,
-    ])?;
-    ffmpeg(&[
-        "-i",
-        sample,
-        "-vn",
-        "-c:a",
-        "aac",
-        "-b:a",
-        "128k",
-        "-ar",
-        "48000",
-        "-ac",
-        "2",
-        "-f",
-        "adts",
-        aac.to_str().context("path")?,
-    ])?;
-    let mut frames = video_frames(&std::fs::read(&h264)?)?;
-    frames.extend(audio_frames(&std::fs::read(&aac)?)?);
-    frames.sort_by_key(|f| f.dts);
-    Ok(frames)
-}
-
-/// Access units of an Annex B stream with AUDs, at 30 fps.
-fn video_frames(data: &[u8]) -> anyhow::Result<Vec<Frame>> {
-    let mut units: Vec<Vec<u8>> = Vec::new();
-    for nal in split_annexb(data) {
-        if nal_type(nal) == NAL_AUD || units.is_empty() {
-            units.push(Vec::new());
-        }
-        if let Some(u) = units.last_mut() {
-            u.extend_from_slice(&[0, 0, 0, 1]);
-            u.extend_from_slice(nal);
-        }
-    }
-    let mut assembler = H264Assembler::new();
-    let frames: Vec<Frame> = units
-        .iter()
-        .enumerate()
-        .filter_map(|(i, au)| assembler.push(au, i as i64 * 3000, true).frame)
-        .collect();
-    ensure!(frames.len() > 250, "only {} video frames", frames.len());
-    Ok(frames)
-}
-
-/// Raw AAC frames of an ADTS stream.
-fn audio_frames(mut data: &[u8]) -> anyhow::Result<Vec<Frame>> {
-    const RATES: [u32; 13] = [
-        96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350,
-    ];
-    let mut frames = Vec::new();
-    let mut params: Option<Arc<CodecParams>> = None;
-    while data.len() >= 7 {
-        ensure!(data[0] == 0xff && data[1] & 0xf0 == 0xf0, "ADTS sync lost");
-        let header = if data[1] & 1 == 1 { 7 } else { 9 };
-        let length = (usize::from(data[3] & 3) << 11)
-            | (usize::from(data[4]) << 3)
-            | usize::from(data[5] >> 5);
-        ensure!(length > header && length <= data.len(), "bad ADTS length");
-        let object = (data[2] >> 6) + 1;
-        let rate_index = (data[2] >> 2) & 0xf;
-        let channels = ((data[2] & 1) << 2) | (data[3] >> 6);
-        let sample_rate = *RATES
-            .get(usize::from(rate_index))
-            .context("bad sample rate")?;
-        let params = params
-            .get_or_insert_with(|| {
-                let asc = (u16::from(object) << 11)
-                    | (u16::from(rate_index) << 7)
-                    | (u16::from(channels) << 3);
-                Arc::new(CodecParams::Aac {
-                    asc: Bytes::copy_from_slice(&asc.to_be_bytes()),
-                    sample_rate,
-                    channels,
-                })
-            })
-            .clone();
-        let ticks = frames.len() as i64 * 1024 * 90_000 / i64::from(sample_rate);
-        frames.push(Frame {
-            pts: ticks,
-            dts: ticks,
-            key: true,
-            data: Bytes::copy_from_slice(&data[header..length]),
-            params,
-        });
-        data = &data[length..];
-    }
-    ensure!(frames.len() > 400, "only {} audio frames", frames.len());
-    Ok(frames)
-}

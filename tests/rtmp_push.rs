@@ -14,16 +14,15 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use bytes::Bytes;
 use tokio::sync::watch;
 use whipgate::hub::{Hub, Publication};
-use whipgate::media::frame::{CodecParams, Frame};
-use whipgate::media::h264::{H264Assembler, NAL_AUD, nal_type, split_annexb};
+use whipgate::media::frame::Frame;
 use whipgate::rtmp::push::{self, PushHandle, PushOptions, PushState, PushStats};
 use whipgate::rtmp::target::Target;
 
 use support::nginx::{Nginx, check_recording};
-use support::server::{ffmpeg_decode_errors, sample_mkv, wait_for};
+use support::sample_frames::load_sample_frames;
+use support::server::{ffmpeg_decode_errors, wait_for};
 
 /// The sample's frames on the stream timeline, in time order.
 struct Media {
@@ -34,134 +33,13 @@ static MEDIA: OnceLock<Result<Arc<Media>, String>> = OnceLock::new();
 
 fn media() -> anyhow::Result<Arc<Media>> {
     MEDIA
-        .get_or_init(|| load_media().map(Arc::new).map_err(|e| format!("{e:#}")))
+        .get_or_init(|| {
+            load_sample_frames()
+                .map(|frames| Arc::new(Media { frames }))
+                .map_err(|e| format!("{e:#}"))
+        })
         .clone()
         .map_err(anyhow::Error::msg)
-}
-
-fn ffmpeg(args: &[&str]) -> anyhow::Result<()> {
-    let out = std::process::Command::new("ffmpeg")
-        .args(["-nostdin", "-v", "error", "-y"])
-        .args(args)
-        .output()
-        .context("running ffmpeg")?;
-    ensure!(
-        out.status.success(),
-        "ffmpeg {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-fn load_media() -> anyhow::Result<Media> {
-    let dir = tempfile::tempdir()?;
-    let sample = sample_mkv();
-    let sample = sample.to_str().context("sample path")?;
-    let h264 = dir.path().join("v.h264");
-    let aac = dir.path().join("a.aac");
-    // AUDs mark the access unit boundaries.
-    ffmpeg(&[
-        "-i",
-        sample,
-        "-an",
-        "-c:v",
-        "copy",
-        "-bsf:v",
-        "h264_mp4toannexb,h264_metadata=aud=insert",
-        "-f",
-        "h264",
-        h264.to_str().context("path")?,
-    ])?;
-    ffmpeg(&[
-        "-i",
-        sample,
-        "-vn",
-        "-c:a",
-        "aac",
-        "-b:a",
-        "128k",
-        "-ar",
-        "48000",
-        "-ac",
-        "2",
-        "-f",
-        "adts",
-        aac.to_str().context("path")?,
-    ])?;
-    let mut frames = video_frames(&std::fs::read(&h264)?)?;
-    frames.extend(audio_frames(&std::fs::read(&aac)?)?);
-    frames.sort_by_key(|f| f.dts);
-    Ok(Media { frames })
-}
-
-/// Access units of an Annex B stream with AUDs, at 30 fps.
-fn video_frames(data: &[u8]) -> anyhow::Result<Vec<Frame>> {
-    let mut units: Vec<Vec<u8>> = Vec::new();
-    for nal in split_annexb(data) {
-        if nal_type(nal) == NAL_AUD || units.is_empty() {
-            units.push(Vec::new());
-        }
-        if let Some(u) = units.last_mut() {
-            u.extend_from_slice(&[0, 0, 0, 1]);
-            u.extend_from_slice(nal);
-        }
-    }
-    let mut assembler = H264Assembler::new();
-    let mut frames = Vec::new();
-    for (i, au) in units.iter().enumerate() {
-        if let Some(f) = assembler.push(au, i as i64 * 3000, true).frame {
-            frames.push(f);
-        }
-    }
-    ensure!(frames.len() > 250, "only {} video frames", frames.len());
-    ensure!(frames[0].key, "the sample starts on a keyframe");
-    Ok(frames)
-}
-
-/// Raw AAC frames of an ADTS stream.
-fn audio_frames(mut data: &[u8]) -> anyhow::Result<Vec<Frame>> {
-    const RATES: [u32; 13] = [
-        96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350,
-    ];
-    let mut frames = Vec::new();
-    let mut params: Option<Arc<CodecParams>> = None;
-    while data.len() >= 7 {
-        ensure!(data[0] == 0xff && data[1] & 0xf0 == 0xf0, "ADTS sync lost");
-        let header = if data[1] & 1 == 1 { 7 } else { 9 };
-        let length = (usize::from(data[3] & 3) << 11)
-            | (usize::from(data[4]) << 3)
-            | usize::from(data[5] >> 5);
-        ensure!(length > header && length <= data.len(), "bad ADTS length");
-        let object = (data[2] >> 6) + 1;
-        let rate_index = (data[2] >> 2) & 0xf;
-        let channels = ((data[2] & 1) << 2) | (data[3] >> 6);
-        let sample_rate = *RATES
-            .get(usize::from(rate_index))
-            .context("bad sample rate")?;
-        let params = params
-            .get_or_insert_with(|| {
-                let asc = (u16::from(object) << 11)
-                    | (u16::from(rate_index) << 7)
-                    | (u16::from(channels) << 3);
-                Arc::new(CodecParams::Aac {
-                    asc: Bytes::copy_from_slice(&asc.to_be_bytes()),
-                    sample_rate,
-                    channels,
-                })
-            })
-            .clone();
-        let ticks = frames.len() as i64 * 1024 * 90_000 / i64::from(sample_rate);
-        frames.push(Frame {
-            pts: ticks,
-            dts: ticks,
-            key: true,
-            data: Bytes::copy_from_slice(&data[header..length]),
-            params,
-        });
-        data = &data[length..];
-    }
-    ensure!(frames.len() > 400, "only {} audio frames", frames.len());
-    Ok(frames)
 }
 
 /// A stream with an in-process publisher.

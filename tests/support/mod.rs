@@ -1,4 +1,5 @@
 pub mod hls_check;
 pub mod nginx;
+pub mod sample_frames;
 pub mod server;
 pub mod webrtc_publisher;
