@@ -69,6 +69,16 @@ pub struct ServerConfig {
     /// Bearer token for the HTTP API (`/api/v1/`). Without one the API only
     /// answers clients on loopback.
     pub api_token: Option<String>,
+    /// HTTPS listen address, used when a certificate is configured
+    /// (`tls_cert` + `tls_key`) or `tls_self_signed` is on.
+    pub https_listen: SocketAddr,
+    /// PEM certificate chain for HTTPS (reloaded on SIGHUP).
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Development mode: serve HTTPS with a generated self-signed
+    /// certificate for localhost, 127.0.0.1 and `webrtc.public_addresses`.
+    pub tls_self_signed: bool,
 }
 
 impl Default for ServerConfig {
@@ -79,6 +89,10 @@ impl Default for ServerConfig {
             max_body_bytes: 64 * 1024,
             max_sessions: 500,
             api_token: None,
+            https_listen: "0.0.0.0:8443".parse().expect("static address"),
+            tls_cert: None,
+            tls_key: None,
+            tls_self_signed: false,
         }
     }
 }
@@ -271,6 +285,22 @@ pub struct Overrides {
     /// Data directory (HLS output).
     #[arg(long, env = "WHIPGATE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// HTTPS listen address (with a certificate or --tls-self-signed).
+    #[arg(long, env = "WHIPGATE_HTTPS_LISTEN")]
+    pub https_listen: Option<SocketAddr>,
+    /// PEM certificate chain: serve HTTPS too (reloaded on SIGHUP).
+    #[arg(long, env = "WHIPGATE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "WHIPGATE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve HTTPS with a generated self-signed certificate (development).
+    #[arg(
+        long,
+        env = "WHIPGATE_TLS_SELF_SIGNED",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub tls_self_signed: bool,
 }
 
 impl Config {
@@ -312,6 +342,18 @@ impl Config {
         if let Some(d) = &o.data_dir {
             self.server.data_dir = d.clone();
         }
+        if let Some(a) = o.https_listen {
+            self.server.https_listen = a;
+        }
+        if let Some(c) = &o.tls_cert {
+            self.server.tls_cert = Some(c.clone());
+        }
+        if let Some(k) = &o.tls_key {
+            self.server.tls_key = Some(k.clone());
+        }
+        if o.tls_self_signed {
+            self.server.tls_self_signed = true;
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -342,6 +384,7 @@ impl Config {
                 "must be at least 16 characters",
             ));
         }
+        self.validate_tls()?;
         if self.server.max_sessions == 0 {
             return Err(invalid("server.max_sessions", "must be at least 1"));
         }
@@ -419,6 +462,56 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        match (&s.tls_cert, &s.tls_key) {
+            (Some(_), None) => {
+                return Err(invalid("server.tls_key", "needed with server.tls_cert"));
+            }
+            (None, Some(_)) => {
+                return Err(invalid("server.tls_cert", "needed with server.tls_key"));
+            }
+            (Some(cert), Some(key)) => {
+                if s.tls_self_signed {
+                    return Err(invalid(
+                        "server.tls_self_signed",
+                        "cannot be combined with server.tls_cert",
+                    ));
+                }
+                crate::tls::load_pem(cert, key).map_err(|e| invalid(e.key, e.message))?;
+            }
+            (None, None) => {}
+        }
+        if self.tls().is_some() && s.https_listen == s.http_listen {
+            return Err(invalid(
+                "server.https_listen",
+                "must differ from server.http_listen",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Where the HTTPS certificate comes from, when HTTPS is on.
+    pub fn tls(&self) -> Option<crate::tls::Source> {
+        let s = &self.server;
+        if let (Some(cert), Some(key)) = (&s.tls_cert, &s.tls_key) {
+            return Some(crate::tls::Source::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            });
+        }
+        if !s.tls_self_signed {
+            return None;
+        }
+        let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        for a in &self.webrtc.public_addresses {
+            if !names.contains(a) {
+                names.push(a.clone());
+            }
+        }
+        Some(crate::tls::Source::SelfSigned { names })
     }
 
     /// The settings for a stream name.
@@ -501,6 +594,35 @@ mod tests {
         let c = Config::parse("[[webrtc.ice_servers]]\nurls = [\"http://x\"]\n", "t").unwrap();
         let e = c.validate().unwrap_err().to_string();
         assert!(e.contains("webrtc.ice_servers[0].urls"), "{e}");
+    }
+
+    #[test]
+    fn tls_keys_are_named() {
+        let c = Config::parse("[server]\ntls_cert = \"/nonexistent/c.pem\"\n", "t").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("server.tls_key"), "{e}");
+        let c = Config::parse(
+            "[server]\ntls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/nonexistent/k.pem\"\n",
+            "t",
+        )
+        .unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("server.tls_cert") && e.contains("cannot read"),
+            "{e}"
+        );
+        let c = Config::parse("[server]\ntls_self_signed = true\n", "t").unwrap();
+        c.validate().unwrap();
+        assert!(matches!(
+            c.tls(),
+            Some(crate::tls::Source::SelfSigned { .. })
+        ));
+        assert!(
+            Config::load(None, &Overrides::default())
+                .unwrap()
+                .tls()
+                .is_none()
+        );
     }
 
     #[test]

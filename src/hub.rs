@@ -8,9 +8,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use metrics::Counter;
 use tokio::sync::{mpsc, watch};
 
 use crate::media::frame::{Codec, Frame, TrackKind};
+use crate::telemetry;
 
 /// One publisher's session on the stream: which tracks it sends. A new id
 /// each time someone (re)publishes.
@@ -45,6 +47,10 @@ struct Reader {
     /// [`Subscription`].
     dropped_total: Arc<AtomicU64>,
     waiting_for_key: bool,
+    /// Frames lost because its queue was full.
+    dropped_full: Counter,
+    /// Frames skipped after a loss, until the next keyframe.
+    dropped_gop: Counter,
 }
 
 struct Publisher {
@@ -63,6 +69,16 @@ pub struct Hub {
     created: Instant,
     /// Milliseconds after `created` of the last published frame.
     last_frame_ms: AtomicU64,
+    /// Frames published, per codec (indexed by [`codec_index`]).
+    published: [Counter; 3],
+}
+
+fn codec_index(codec: Codec) -> usize {
+    match codec {
+        Codec::H264 => 0,
+        Codec::Opus => 1,
+        Codec::Aac => 2,
+    }
 }
 
 /// A reader's end. Dropping it removes the reader from the hub.
@@ -100,6 +116,8 @@ impl Hub {
             dropped_total: AtomicU64::new(0),
             created: Instant::now(),
             last_frame_ms: AtomicU64::new(0),
+            published: [Codec::H264, Codec::Opus, Codec::Aac]
+                .map(|c| telemetry::frames_published(name, c)),
         })
     }
 
@@ -126,6 +144,13 @@ impl Hub {
             dropped: 0,
             dropped_total: dropped.clone(),
             waiting_for_key: true,
+            dropped_full: telemetry::frames_dropped(&self.name, name, "queue_full"),
+            // Only video readers skip to the next keyframe.
+            dropped_gop: if codecs.iter().any(|c| c.kind() == TrackKind::Video) {
+                telemetry::frames_dropped(&self.name, name, "gop_skipped")
+            } else {
+                Counter::noop()
+            },
         });
         Subscription {
             frames,
@@ -166,6 +191,7 @@ impl Hub {
         let now_ms = self.created.elapsed().as_millis() as u64;
         self.last_frame_ms.store(now_ms, Ordering::Relaxed);
         let codec = frame.codec();
+        self.published[codec_index(codec)].increment(1);
         let video = codec.kind() == TrackKind::Video;
         let mut want_keyframe = false;
         let mut readers = self.lock_readers();
@@ -181,6 +207,7 @@ impl Hub {
                         r.dropped += 1;
                         r.dropped_total.fetch_add(1, Ordering::Relaxed);
                         self.dropped_total.fetch_add(1, Ordering::Relaxed);
+                        r.dropped_gop.increment(1);
                     }
                     return true;
                 }
@@ -202,6 +229,7 @@ impl Hub {
                     r.dropped += 1;
                     r.dropped_total.fetch_add(1, Ordering::Relaxed);
                     self.dropped_total.fetch_add(1, Ordering::Relaxed);
+                    r.dropped_full.increment(1);
                     if video {
                         // The rest of this GOP is useless to it.
                         r.waiting_for_key = true;

@@ -13,4 +13,6 @@ pub mod rtc;
 pub mod rtmp;
 pub mod server;
 pub mod streams;
+pub mod telemetry;
+pub mod tls;
 pub mod transcode;

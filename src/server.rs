@@ -1,13 +1,14 @@
-//! `whipgate serve`: binds the sockets, runs HTTP and WebRTC until SIGTERM
+//! `whipgate serve`: binds the sockets, runs HTTP (and HTTPS) and WebRTC until SIGTERM
 //! or SIGINT, then closes every session and finishes every playlist.
 
 use std::sync::Arc;
 
 use anyhow::Context;
+use axum::serve::{Listener, ListenerExt};
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::{http, rtc, streams};
+use crate::{http, rtc, streams, tls};
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
@@ -38,18 +39,55 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.server.http_listen)
         .await
         .with_context(|| format!("binding HTTP {}", config.server.http_listen))?;
+    let https_listener = match config.tls() {
+        Some(source) => {
+            let store = tls::CertStore::new(source)?;
+            #[cfg(unix)]
+            store.reload_on_sighup()?;
+            let tcp = tokio::net::TcpListener::bind(config.server.https_listen)
+                .await
+                .with_context(|| format!("binding HTTPS {}", config.server.https_listen))?;
+            Some(tls::TlsListener::new(tcp, store.server_config()?)?)
+        }
+        None => None,
+    };
     tracing::info!(
         http = %listener.local_addr()?,
+        https = ?https_listener.as_ref().map(|l| l.local_addr()).transpose()?,
         webrtc_udp = %rtc.local_addr(),
         candidates = ?candidate_ips,
         "whipgate listening; publish to http://HOST:PORT/whip/STREAM, watch /hls/STREAM/index.m3u8"
     );
-    axum::serve(
+    // One signal stops both listeners.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let http = axum::serve(
         listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        app.clone()
+            .into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
-    .with_graceful_shutdown(shutdown_signal())
-    .await?;
+    .with_graceful_shutdown(stopped(stop_rx.clone()));
+    let https = async {
+        match https_listener {
+            // `tap_io` gives the TLS listener axum's `ConnectInfo<SocketAddr>`.
+            Some(l) => {
+                axum::serve(
+                    l.tap_io(|_| {}),
+                    app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+                )
+                .with_graceful_shutdown(stopped(stop_rx))
+                .await
+            }
+            None => Ok(()),
+        }
+    };
+    tokio::try_join!(http.into_future(), https)?;
     tracing::info!("shutting down: closing sessions and finishing playlists");
     rtc.shutdown().await;
     let _ = shutdown_tx.send(true);

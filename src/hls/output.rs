@@ -17,6 +17,7 @@ use super::segmenter::{Segment, Segmenter, SegmenterConfig};
 use crate::config::HlsConfig;
 use crate::hub::{Hub, HubFrame, Publication};
 use crate::media::frame::{CLOCK_HZ, Codec};
+use crate::telemetry;
 
 /// Frames queued for the HLS writer before it drops (about 10 s of media).
 const QUEUE: usize = 1024;
@@ -175,6 +176,7 @@ impl Output {
             tracing::error!(parent: span, file = %name, error = %e, "cannot write segment");
             return;
         }
+        telemetry::counters().hls_segments.increment(1);
         self.on_disk.push_back(name);
         let _removed = self.playlist.push(&segment);
         self.write_playlist(span).await;

@@ -1,6 +1,7 @@
 //! HTTP at the edge: WHIP for publishers, HLS for viewers.
 
 mod api;
+mod health;
 mod hls;
 mod whip;
 
@@ -19,6 +20,7 @@ use crate::auth::Auth;
 use crate::error::{self, AppError};
 use crate::rtc::RtcHandle;
 use crate::streams::Streams;
+use crate::telemetry;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -34,6 +36,8 @@ pub fn router(state: AppState) -> Router {
         tracing::error!(error = %e, "authorization unusable: refusing every publication");
         Auth::refusing(format!("authorization is misconfigured: {e}"))
     }));
+    // Installs the metrics recorder (once per process).
+    telemetry::handle();
     Router::new()
         .route(
             "/whip/{stream}",
@@ -49,6 +53,9 @@ pub fn router(state: AppState) -> Router {
                 .options(whip::options_session),
         )
         .route("/hls/{stream}/{file}", get(hls::get))
+        .route("/metrics", get(health::metrics))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
         .nest("/api/v1", api_routes(state.clone()))
         .fallback(|| async { AppError::NotFound })
         .with_state(state)
@@ -59,6 +66,7 @@ pub fn router(state: AppState) -> Router {
             axum::http::StatusCode::REQUEST_TIMEOUT,
             Duration::from_secs(30),
         ))
+        .layer(axum::middleware::from_fn(health::count_requests))
         .layer(TraceLayer::new_for_http())
 }
 

@@ -22,6 +22,7 @@ use super::offer::Accepted;
 use super::{Created, RtcError};
 use crate::hub::{Hub, KeyframeRequester, Publication};
 use crate::media::frame::TrackKind;
+use crate::telemetry;
 
 /// Longest the driver sleeps without looking at a session.
 const MAX_SLEEP: Duration = Duration::from_millis(500);
@@ -144,7 +145,12 @@ impl Driver {
                 }
                 r = self.socket.recv_from(&mut buf) => {
                     match r {
-                        Ok((n, source)) => touched = self.datagram(&buf[..n], source),
+                        Ok((n, source)) => {
+                            let c = telemetry::counters();
+                            c.packets_in.increment(1);
+                            c.bytes_in.increment(n as u64);
+                            touched = self.datagram(&buf[..n], source);
+                        }
                         Err(e) => tracing::debug!(error = %e, "udp receive error"),
                     }
                 }
@@ -191,6 +197,7 @@ impl Driver {
                             span,
                         },
                     );
+                    telemetry::counters().sessions_created.increment(1);
                     created
                 });
                 let _ = reply.send(result);
@@ -450,7 +457,14 @@ fn on_event(s: &mut Session, event: Event) -> Result<(), String> {
         Event::MediaAdded(m) => {
             tracing::debug!(mid = %m.mid, kind = ?m.kind, "media added");
             match m.kind {
-                MediaKind::Video => s.video_mid = Some(m.mid),
+                MediaKind::Video => {
+                    s.video_mid = Some(m.mid);
+                    // str0m reports the media after `Connected`: this is the
+                    // first moment a PLI can be sent at the start.
+                    drop(_g);
+                    request_keyframe(s);
+                    return Ok(());
+                }
                 MediaKind::Audio => s.audio_mid = Some(m.mid),
             }
         }
@@ -520,7 +534,10 @@ fn request_keyframe(s: &mut Session) {
         KeyframeRequestKind::Fir
     };
     match w.request_keyframe(None, kind) {
-        Ok(()) => tracing::debug!(parent: &s.span, ?kind, "keyframe requested"),
+        Ok(()) => {
+            telemetry::counters().keyframe_requests.increment(1);
+            tracing::debug!(parent: &s.span, ?kind, "keyframe requested");
+        }
         Err(e) => tracing::debug!(parent: &s.span, error = %e, "keyframe request failed"),
     }
 }

@@ -64,6 +64,11 @@ impl RtcHandle {
         self.local_addr
     }
 
+    /// The driver task runs and takes commands.
+    pub fn is_running(&self) -> bool {
+        !self.tx.is_closed()
+    }
+
     /// Negotiates a new publishing session. `on_close` runs once when the
     /// session ends for any reason.
     pub async fn create(

@@ -375,6 +375,7 @@ impl Worker {
         loop {
             if attempt > 0 {
                 self.shared.update(|s| s.reconnects += 1);
+                crate::telemetry::counters().push_reconnects.increment(1);
             }
             attempt += 1;
             self.shared.set_state(PushState::Connecting);
@@ -613,6 +614,7 @@ impl Conn {
         }
         let n = out.len() as u64;
         self.shared.update(|s| s.bytes_sent += n);
+        crate::telemetry::counters().push_bytes.increment(n);
         Ok(())
     }
 

@@ -22,6 +22,8 @@ pub async fn run_aac(hub: Arc<Hub>, settings: AacSettings, mut shutdown: watch::
     let mut sub = hub.subscribe("aac-transcoder", &[Codec::Opus], HUB_QUEUE);
     let mut current: Option<(Publication, AudioTranscoder)> = None;
     let mut dropped_reported = 0;
+    let dropped_busy =
+        crate::telemetry::frames_dropped(hub.name(), "aac-transcoder", "transcoder_busy");
     loop {
         let hf = tokio::select! {
             f = sub.frames.recv() => match f {
@@ -60,6 +62,7 @@ pub async fn run_aac(hub: Arc<Hub>, settings: AacSettings, mut shutdown: watch::
         match transcoder.try_push(hf.frame) {
             Ok(()) => {}
             Err(PushError::Full) => {
+                dropped_busy.increment(1);
                 let dropped = transcoder.dropped();
                 if dropped >= dropped_reported + 50 {
                     tracing::warn!(parent: &span, dropped, "transcoder too slow, Opus packets dropped");

@@ -20,7 +20,8 @@ pub fn sample_mkv() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("samples/sample.mkv")
 }
 
-fn free_tcp_port() -> u16 {
+/// A TCP port on 127.0.0.1 that nothing listens on (right now).
+pub fn free_tcp_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -104,6 +105,11 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The server's process id (for signals), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     pub fn url(&self, path: &str) -> String {
