@@ -10,76 +10,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::header::{self, HeaderMap};
-use reqwest::{Client, Method, Response, StatusCode};
+use reqwest::{Client, Method, StatusCode};
 use support::server::Server;
-use support::webrtc_publisher::Publisher;
+use support::whip_http::{client, detail, expect_problem, genuine_offer, header_str, post_sdp};
 
-const PROBLEM_JSON: &str = "application/problem+json";
 const TRICKLE: &str = "application/trickle-ice-sdpfrag";
 const JWT_SECRET: &str = "jwt-secret-0123456789abcdef-0123456789";
-
-fn client() -> Client {
-    Client::builder()
-        .timeout(Duration::from_secs(10))
-        .no_proxy()
-        .build()
-        .expect("an HTTP client")
-}
-
-/// A genuine audio + video offer from webrtc-rs, not sent anywhere.
-async fn genuine_offer(server: &Server, stream: &str) -> String {
-    let url = url::Url::parse(&server.url(&format!("/whip/{stream}"))).expect("URL");
-    let mut publisher = Publisher::new(&url, true, true).await.expect("publisher");
-    let offer = publisher.offer().await;
-    publisher.close().await;
-    let offer = offer.expect("offer");
-    assert!(offer.contains("m=video") && offer.contains("m=audio"));
-    offer
-}
-
-async fn post_sdp(
-    client: &Client,
-    server: &Server,
-    stream: &str,
-    token: Option<&str>,
-    sdp: &str,
-) -> Response {
-    let mut req = client
-        .post(server.url(&format!("/whip/{stream}")))
-        .header(header::CONTENT_TYPE, "application/sdp")
-        .body(sdp.to_owned());
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    req.send().await.expect("POST")
-}
-
-fn header_str(headers: &HeaderMap, name: impl header::AsHeaderName) -> &str {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-}
-
-/// Checks an error answer is a problem document with this status; returns
-/// its headers and `detail`.
-async fn expect_problem(resp: Response, status: StatusCode, what: &str) -> (HeaderMap, String) {
-    let got = resp.status();
-    let headers = resp.headers().clone();
-    let text = resp.text().await.unwrap_or_default();
-    assert_eq!(got, status, "{what}: {text}");
-    assert_eq!(
-        header_str(&headers, header::CONTENT_TYPE),
-        PROBLEM_JSON,
-        "{what}: Content-Type of a {status} (body {text:?})"
-    );
-    let body: serde_json::Value = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("{what}: problem body is not JSON ({e}): {text:?}"));
-    assert_eq!(body["status"], status.as_u16(), "{what}: {body}");
-    let detail = body["detail"].as_str().unwrap_or_default().to_owned();
-    assert!(!detail.is_empty(), "{what}: {body}");
-    (headers, detail)
-}
 
 /// A created session: its URL path, ETag and headers of the 201.
 struct Session {
@@ -89,8 +25,10 @@ struct Session {
 }
 
 async fn create(client: &Client, server: &Server, stream: &str, token: Option<&str>) -> Session {
-    let offer = genuine_offer(server, stream).await;
-    let resp = post_sdp(client, server, stream, token, &offer).await;
+    let offer = genuine_offer(server, stream).await.expect("offer");
+    let resp = post_sdp(client, server, stream, token, &offer)
+        .await
+        .expect("POST");
     let status = resp.status();
     let headers = resp.headers().clone();
     let body = resp.text().await.unwrap_or_default();
@@ -169,9 +107,9 @@ async fn trickle_patch_status_codes() {
         .send()
         .await
         .expect("PATCH");
-    let (h, detail) =
+    let (h, body) =
         expect_problem(resp, StatusCode::UNSUPPORTED_MEDIA_TYPE, "application/sdp").await;
-    assert!(detail.contains(TRICKLE), "{detail}");
+    assert!(detail(&body).contains(TRICKLE), "{body}");
     assert_eq!(header_str(&h, "accept-patch"), TRICKLE);
 
     // 400: not a fragment, a broken candidate.
@@ -198,8 +136,8 @@ async fn trickle_patch_status_codes() {
         .send()
         .await
         .expect("PATCH");
-    let (_, detail) = expect_problem(resp, StatusCode::UNPROCESSABLE_ENTITY, "ICE restart").await;
-    assert!(detail.contains("ICE restart"), "{detail}");
+    let (_, body) = expect_problem(resp, StatusCode::UNPROCESSABLE_ENTITY, "ICE restart").await;
+    assert!(detail(&body).contains("ICE restart"), "{body}");
 
     // 404: an unknown session.
     let resp = client
@@ -361,8 +299,8 @@ async fn trickle_turned_off_is_422_and_not_advertised() {
         .send()
         .await
         .expect("PATCH");
-    let (_, detail) = expect_problem(resp, StatusCode::UNPROCESSABLE_ENTITY, "trickle off").await;
-    assert!(detail.contains("trickle"), "{detail}");
+    let (_, body) = expect_problem(resp, StatusCode::UNPROCESSABLE_ENTITY, "trickle off").await;
+    assert!(detail(&body).contains("trickle"), "{body}");
     assert_no_panic(&server);
 }
 
@@ -372,7 +310,7 @@ async fn jwt_hs256() {
         format!("[auth.jwt]\nalgorithm = \"HS256\"\nsecret = \"{JWT_SECRET}\"\nleeway = 0\n");
     let server = Server::start(&config).expect("server");
     let client = client();
-    let offer = genuine_offer(&server, "cam-1").await;
+    let offer = genuine_offer(&server, "cam-1").await.expect("offer");
     let exp = now() + 600;
 
     for (what, claims) in [
@@ -390,16 +328,22 @@ async fn jwt_hs256() {
         ),
         ("no stream claim", serde_json::json!({"exp": exp})),
     ] {
-        let resp = post_sdp(&client, &server, "cam-1", Some(&hs256(claims)), &offer).await;
+        let resp = post_sdp(&client, &server, "cam-1", Some(&hs256(claims)), &offer)
+            .await
+            .expect("POST");
         let (h, _) = expect_problem(resp, StatusCode::UNAUTHORIZED, what).await;
         assert!(header_str(&h, header::WWW_AUTHENTICATE).starts_with("Bearer"));
     }
-    let resp = post_sdp(&client, &server, "cam-1", None, &offer).await;
+    let resp = post_sdp(&client, &server, "cam-1", None, &offer)
+        .await
+        .expect("POST");
     expect_problem(resp, StatusCode::UNAUTHORIZED, "no token").await;
 
     // A pattern claim allowing the stream.
     let token = hs256(serde_json::json!({"stream": "cam-*", "exp": exp}));
-    let resp = post_sdp(&client, &server, "cam-1", Some(&token), &offer).await;
+    let resp = post_sdp(&client, &server, "cam-1", Some(&token), &offer)
+        .await
+        .expect("POST");
     assert_eq!(resp.status(), StatusCode::CREATED);
     let location = header_str(resp.headers(), header::LOCATION).to_owned();
     let etag = header_str(resp.headers(), header::ETAG).to_owned();
@@ -525,8 +469,10 @@ async fn jwt_rs256_and_es256_with_openssl_keys() {
         let server =
             Server::start(&config.replace("audience = \"whipgate\"\n", "")).expect("server");
         let client = client();
-        let offer = genuine_offer(&server, "signed").await;
-        let resp = post_sdp(&client, &server, "signed", Some(&token), &offer).await;
+        let offer = genuine_offer(&server, "signed").await.expect("offer");
+        let resp = post_sdp(&client, &server, "signed", Some(&token), &offer)
+            .await
+            .expect("POST");
         assert_eq!(resp.status(), StatusCode::CREATED, "{alg}");
         // A token with another algorithm is refused.
         let resp = post_sdp(
@@ -536,12 +482,15 @@ async fn jwt_rs256_and_es256_with_openssl_keys() {
             Some(&hs256(claims.clone())),
             &offer,
         )
-        .await;
+        .await
+        .expect("POST");
         expect_problem(resp, StatusCode::UNAUTHORIZED, "HS256 token").await;
         drop(server);
 
         let server = Server::start(&config).expect("server");
-        let resp = post_sdp(&client, &server, "signed", Some(&token), &offer).await;
+        let resp = post_sdp(&client, &server, "signed", Some(&token), &offer)
+            .await
+            .expect("POST");
         expect_problem(resp, StatusCode::UNAUTHORIZED, "no aud claim").await;
     }
 
@@ -624,18 +573,26 @@ async fn http_callback_allows_denies() {
     );
     let server = Server::start(&config).expect("server");
     let client = client();
-    let offer = genuine_offer(&server, "viacb").await;
+    let offer = genuine_offer(&server, "viacb").await.expect("offer");
 
-    let resp = post_sdp(&client, &server, "viacb", Some("bad"), &offer).await;
+    let resp = post_sdp(&client, &server, "viacb", Some("bad"), &offer)
+        .await
+        .expect("POST");
     expect_problem(resp, StatusCode::UNAUTHORIZED, "callback says 403").await;
-    let resp = post_sdp(&client, &server, "viacb", None, &offer).await;
+    let resp = post_sdp(&client, &server, "viacb", None, &offer)
+        .await
+        .expect("POST");
     expect_problem(resp, StatusCode::UNAUTHORIZED, "no token").await;
-    let resp = post_sdp(&client, &server, "viacb", Some("good"), &offer).await;
+    let resp = post_sdp(&client, &server, "viacb", Some("good"), &offer)
+        .await
+        .expect("POST");
     assert_eq!(resp.status(), StatusCode::CREATED);
 
     // A static token is enough on its own: the callback is not asked.
     let before = seen.lock().expect("lock").len();
-    let resp = post_sdp(&client, &server, "fixed", Some("static-token-1"), &offer).await;
+    let resp = post_sdp(&client, &server, "fixed", Some("static-token-1"), &offer)
+        .await
+        .expect("POST");
     assert_eq!(resp.status(), StatusCode::CREATED);
     assert_eq!(seen.lock().expect("lock").len(), before);
 
@@ -660,8 +617,10 @@ async fn unreachable_callback_is_503() {
         format!("[auth.callback]\nurl = \"http://127.0.0.1:{port}/auth\"\ntimeout = 1.0\n");
     let server = Server::start(&config).expect("server");
     let client = client();
-    let offer = genuine_offer(&server, "cb").await;
-    let resp = post_sdp(&client, &server, "cb", Some("good"), &offer).await;
+    let offer = genuine_offer(&server, "cb").await.expect("offer");
+    let resp = post_sdp(&client, &server, "cb", Some("good"), &offer)
+        .await
+        .expect("POST");
     let (h, _) = expect_problem(resp, StatusCode::SERVICE_UNAVAILABLE, "callback down").await;
     assert!(h.get(header::RETRY_AFTER).is_some(), "{h:?}");
     assert_no_panic(&server);

@@ -3,3 +3,4 @@ pub mod nginx;
 pub mod sample_frames;
 pub mod server;
 pub mod webrtc_publisher;
+pub mod whip_http;
