@@ -510,3 +510,35 @@ async fn errors_axum_makes_are_problems_too() {
         wrong.join("\n")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_never_connects_is_dropped() {
+    let server = Server::start("[streams.ghost]\ntakeover = \"never\"\n").expect("server");
+    let client = client();
+    let offer = genuine_offer(&server, "ghost").await.expect("offer");
+    // Answered, but the client never does ICE or DTLS.
+    let resp = post_sdp(&client, &server, "ghost", None, &offer)
+        .await
+        .expect("POST");
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let resp = post_sdp(&client, &server, "ghost", None, &offer)
+        .await
+        .expect("POST");
+    expect_problem(resp, StatusCode::CONFLICT, "while the first is pending").await;
+    // The handshake timeout (10 s) frees the stream.
+    let started = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let resp = post_sdp(&client, &server, "ghost", None, &offer)
+            .await
+            .expect("POST");
+        if resp.status() == StatusCode::CREATED {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the unconnected session was never dropped"
+        );
+    }
+    assert!(server.log().contains("ICE/DTLS did not complete in time"));
+}

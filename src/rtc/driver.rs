@@ -24,6 +24,10 @@ use crate::hub::{Hub, KeyframeRequester, Publication};
 use crate::media::frame::TrackKind;
 use crate::telemetry;
 
+/// A session that has not completed ICE and DTLS by then is closed: the
+/// client cannot reach us, or is not trying.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Longest the driver sleeps without looking at a session.
 const MAX_SLEEP: Duration = Duration::from_millis(500);
 
@@ -64,6 +68,9 @@ struct Session {
     audio_mid: Option<Mid>,
     /// NACKs are enabled on the video stream.
     nack_on: bool,
+    /// ICE and DTLS completed.
+    connected: bool,
+    created: Instant,
     ingest: Ingest,
     last_input: Instant,
     /// When str0m wants its next timeout input.
@@ -189,6 +196,8 @@ impl Driver {
                             video_mid: None,
                             audio_mid: None,
                             nack_on: false,
+                            connected: false,
+                            created: Instant::now(),
                             ingest: Ingest::new(2),
                             last_input: Instant::now(),
                             next_timeout: Instant::now(),
@@ -319,6 +328,11 @@ impl Driver {
                     dead.push(id.clone());
                     continue;
                 }
+                if !s.connected && now.duration_since(s.created) > HANDSHAKE_TIMEOUT {
+                    s.close("ICE/DTLS did not complete in time");
+                    dead.push(id.clone());
+                    continue;
+                }
                 match poll_session(s, now, due, &mut out) {
                     // Wake up at least every MAX_SLEEP for the idle check.
                     Ok(Some(t)) => s.next_timeout = t.min(now + MAX_SLEEP),
@@ -440,7 +454,8 @@ fn on_event(s: &mut Session, event: Event) -> Result<(), String> {
     let _g = s.span.enter();
     match event {
         Event::Connected => {
-            tracing::info!("connected");
+            s.connected = true;
+            tracing::info!(ms = s.created.elapsed().as_millis() as u64, "connected");
             let hub = s.hub.clone();
             let publication = s.publication;
             let requester = s.keyframe_requester();

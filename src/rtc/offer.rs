@@ -79,10 +79,19 @@ pub struct Accepted {
     pub audio: Option<MediaSection>,
 }
 
+/// Lines an offer may have. Browsers send 100 to 300; thousands only come
+/// from someone probing the parser.
+pub const MAX_LINES: usize = 2000;
+
 pub fn parse(sdp: &str) -> Result<Vec<MediaSection>, OfferError> {
     let mut sections: Vec<MediaSection> = Vec::new();
     if !sdp.trim_start().starts_with("v=") {
         return Err(OfferError::Malformed("an SDP must start with v=".into()));
+    }
+    if sdp.lines().nth(MAX_LINES).is_some() {
+        return Err(OfferError::Malformed(format!(
+            "the offer has more than {MAX_LINES} lines"
+        )));
     }
     for line in sdp.lines() {
         let line = line.trim_end_matches('\r');
@@ -264,6 +273,13 @@ mod tests {
         let a = check(parse(s).unwrap()).unwrap();
         assert!(a.video.is_none());
         assert_eq!(a.audio.unwrap().direction, "sendrecv");
+    }
+
+    #[test]
+    fn too_many_lines_is_malformed() {
+        let long = format!("{CHROME}{}", "a=x-filler\r\n".repeat(MAX_LINES));
+        let e = parse(&long).unwrap_err();
+        assert!(e.to_string().contains("lines"), "{e}");
     }
 
     #[test]
