@@ -136,6 +136,22 @@ impl<'a> Iterator for AnnexBIter<'a> {
     }
 }
 
+/// Splits an Annex B elementary stream whose access units start with an
+/// AUD (as x264 with `aud=1` or ffmpeg's `h264_metadata=aud=insert` write
+/// them) into access units, each a list of NAL units.
+pub fn access_units(stream: &[u8]) -> Vec<Vec<&[u8]>> {
+    let mut aus: Vec<Vec<&[u8]>> = Vec::new();
+    for nal in split_annexb(stream) {
+        if nal_type(nal) == NAL_AUD || aus.is_empty() {
+            aus.push(Vec::new());
+        }
+        if let Some(au) = aus.last_mut() {
+            au.push(nal);
+        }
+    }
+    aus
+}
+
 /// Removes emulation prevention bytes (`00 00 03` → `00 00`), turning a NAL
 /// unit payload into its RBSP.
 pub fn unescape_rbsp(data: &[u8]) -> Vec<u8> {
@@ -1958,20 +1974,6 @@ mod tests {
             .output()
             .ok()?;
         (out.status.success() && !out.stdout.is_empty()).then_some(out.stdout)
-    }
-
-    /// Splits an Annex B stream at its AUDs into access units.
-    fn access_units(stream: &[u8]) -> Vec<Vec<&[u8]>> {
-        let mut aus: Vec<Vec<&[u8]>> = Vec::new();
-        for nal in split_annexb(stream) {
-            if nal_type(nal) == NAL_AUD || aus.is_empty() {
-                aus.push(Vec::new());
-            }
-            if let Some(au) = aus.last_mut() {
-                au.push(nal);
-            }
-        }
-        aus
     }
 
     /// PTS of every access unit from the POC (x264: POC = 2 * frames since IDR),

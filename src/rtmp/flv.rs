@@ -867,7 +867,8 @@ mod tests {
         use super::super::*;
         use crate::media::frame::Frame;
         use crate::media::h264::{
-            H264Assembler, NAL_AUD, NAL_PPS, NAL_SPS, PocCounter, Pps, SliceHeader, Sps, is_vcl,
+            H264Assembler, NAL_PPS, NAL_SPS, PocCounter, Pps, SliceHeader, Sps, access_units,
+            is_vcl,
         };
 
         /// Stdout of ffmpeg with these (whitespace-separated) arguments.
@@ -878,20 +879,6 @@ mod tests {
                 .output()
                 .ok()?;
             (out.status.success() && !out.stdout.is_empty()).then_some(out.stdout)
-        }
-
-        /// Splits an Annex B stream at its AUDs into access units.
-        fn access_units(stream: &[u8]) -> Vec<Vec<&[u8]>> {
-            let mut aus: Vec<Vec<&[u8]>> = Vec::new();
-            for nal in split_annexb(stream) {
-                if nal_type(nal) == NAL_AUD || aus.is_empty() {
-                    aus.push(Vec::new());
-                }
-                if let Some(au) = aus.last_mut() {
-                    au.push(nal);
-                }
-            }
-            aus
         }
 
         fn annexb(nals: &[&[u8]]) -> Vec<u8> {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::{Context, ensure};
 use bytes::Bytes;
 use whipgate::media::frame::{CodecParams, Frame};
-use whipgate::media::h264::{H264Assembler, NAL_AUD, nal_type, split_annexb};
+use whipgate::media::h264::{H264Assembler, access_units};
 
 /// The sample's frames, in decode order.
 fn ffmpeg(args: &[&str]) -> anyhow::Result<()> {
@@ -70,16 +70,14 @@ pub fn load_sample_frames() -> anyhow::Result<Vec<Frame>> {
 
 /// Access units of an Annex B stream with AUDs, at 30 fps.
 fn video_frames(data: &[u8]) -> anyhow::Result<Vec<Frame>> {
-    let mut units: Vec<Vec<u8>> = Vec::new();
-    for nal in split_annexb(data) {
-        if nal_type(nal) == NAL_AUD || units.is_empty() {
-            units.push(Vec::new());
-        }
-        if let Some(u) = units.last_mut() {
-            u.extend_from_slice(&[0, 0, 0, 1]);
-            u.extend_from_slice(nal);
-        }
-    }
+    let units: Vec<Vec<u8>> = access_units(data)
+        .iter()
+        .map(|au| {
+            au.iter()
+                .flat_map(|nal| [&[0, 0, 0, 1][..], nal].concat())
+                .collect()
+        })
+        .collect();
     let mut assembler = H264Assembler::new();
     let mut frames = Vec::new();
     for (i, au) in units.iter().enumerate() {
