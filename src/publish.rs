@@ -66,6 +66,11 @@ pub struct PublishArgs {
     /// New sessions started per second (default: all at once).
     #[arg(long, value_name = "PER_SECOND")]
     pub ramp: Option<f64>,
+    /// Restart ICE this many seconds after media starts, from a new UDP socket (a new network
+    /// path, as when a phone moves from Wi-Fi to cellular): a WHIP `PATCH` with
+    /// `If-Match: "*"` (RFC 9725 §4.3.2). Media goes on in the same session.
+    #[arg(long, value_name = "SECONDS")]
+    pub ice_restart_after: Option<f64>,
 }
 
 /// Everything [`publish`] needs.
@@ -83,6 +88,8 @@ pub struct PublishOptions {
     pub connect_timeout: Duration,
     /// How often progress is logged.
     pub progress_interval: Duration,
+    /// Restart ICE on a new UDP socket this long after media starts.
+    pub ice_restart_after: Option<Duration>,
 }
 
 impl PublishOptions {
@@ -95,6 +102,7 @@ impl PublishOptions {
             loop_: false,
             connect_timeout: Duration::from_secs(10),
             progress_interval: Duration::from_secs(5),
+            ice_restart_after: None,
         }
     }
 }
@@ -130,6 +138,8 @@ pub struct PublishStats {
     pub packets_sent: u64,
     /// Bytes of those datagrams.
     pub packet_bytes_sent: u64,
+    /// ICE restarts done (`ice_restart_after`).
+    pub ice_restarts: u64,
 }
 
 /// CLI entry point: publish until end of file (or forever with `--loop`), Ctrl-C, SIGTERM, or
@@ -156,6 +166,13 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
     opts.loop_ = args.loop_;
     opts.connect_timeout = Duration::try_from_secs_f64(args.connect_timeout)
         .context("--connect-timeout is out of range")?;
+    opts.ice_restart_after = match args.ice_restart_after {
+        Some(s) if !s.is_finite() || s < 0.0 => {
+            bail!("--ice-restart-after must be a number of seconds")
+        }
+        Some(s) => Some(Duration::from_secs_f64(s)),
+        None => None,
+    };
     if args.sessions > 1 {
         return run_many(opts, args.sessions, ramp, limit).await;
     }
@@ -612,8 +629,9 @@ impl Session<'_> {
             .build(Instant::now());
 
         let mut locals = LocalAddrs::new(port);
-        for ip in resolve_host(url).await? {
-            locals.route_to(ip);
+        let remote_ips = resolve_host(url).await?;
+        for ip in &remote_ips {
+            locals.route_to(*ip);
         }
         for addr in locals.candidates() {
             add_host_candidate(&mut rtc, addr);
@@ -667,6 +685,13 @@ impl Session<'_> {
                 rtc,
                 socket,
                 locals,
+                signalling: Signalling {
+                    http: self.http,
+                    location: session.location.clone(),
+                    token: opts.token.as_deref(),
+                    answer: session.answer.clone(),
+                    remote_ips,
+                },
                 video,
                 audio,
                 opts,
@@ -797,6 +822,78 @@ async fn delete_session(
         }
         Err(e) => warn!("DELETE {location} failed: {e}"),
     }
+}
+
+/// What a session needs to talk to the WHIP server after the POST.
+struct Signalling<'a> {
+    http: &'a reqwest::Client,
+    location: Url,
+    token: Option<&'a str>,
+    /// The server's SDP answer, with the ICE credentials now in use.
+    answer: String,
+    /// The server's addresses, to choose local candidates towards.
+    remote_ips: Vec<IpAddr>,
+}
+
+impl Signalling<'_> {
+    /// Sends an ICE restart `PATCH` and returns the server's fragment.
+    async fn restart(&self, fragment: &str) -> anyhow::Result<crate::rtc::trickle::Fragment> {
+        let mut req = self
+            .http
+            .patch(self.location.clone())
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/trickle-ice-sdpfrag",
+            )
+            .header(reqwest::header::IF_MATCH, "*")
+            .timeout(Duration::from_secs(5))
+            .body(fragment.to_owned());
+        if let Some(token) = self.token {
+            req = req.bearer_auth(token);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("ICE restart PATCH {} failed", self.location))?;
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        if status != reqwest::StatusCode::OK {
+            bail!(
+                "WHIP server refused the ICE restart: PATCH {} returned {status}{}",
+                self.location,
+                error_body(&body)
+            );
+        }
+        crate::rtc::trickle::parse(&body)
+            .map_err(|e| anyhow!("WHIP server's ICE restart answer is malformed: {e}"))
+    }
+}
+
+/// The client's ICE restart fragment (RFC 9725 §4.3.2): the ICE lines of the restart offer
+/// (new ufrag/pwd per media section) with our new `candidates` in the first section.
+fn restart_fragment(offer: &str, candidates: &[String]) -> String {
+    let ice = crate::rtc::trickle::ice_fragment(offer);
+    let mut out = String::new();
+    let mut sections = 0;
+    for line in ice.lines() {
+        if line.starts_with("a=candidate:") || line == "a=end-of-candidates" {
+            continue; // the offer's candidates are the old ones
+        }
+        if line.starts_with("m=") {
+            sections += 1;
+        }
+        out.push_str(line);
+        out.push_str("\r\n");
+        if sections == 1 && line.starts_with("a=ice-pwd:") {
+            for c in candidates {
+                out.push_str("a=");
+                out.push_str(c);
+                out.push_str("\r\n");
+            }
+            out.push_str("a=end-of-candidates\r\n");
+        }
+    }
+    out
 }
 
 fn accept_answer(rtc: &mut Rtc, pending: SdpPendingOffer, answer: &str) -> anyhow::Result<()> {
@@ -989,6 +1086,7 @@ struct Driver<'a> {
     rtc: Rtc,
     socket: UdpSocket,
     locals: LocalAddrs,
+    signalling: Signalling<'a>,
     video: Option<Track>,
     audio: Option<Track>,
     opts: &'a PublishOptions,
@@ -1052,6 +1150,7 @@ impl Driver<'_> {
         let mut disconnected_since: Option<tokio::time::Instant> = None;
         let mut next_progress = tokio::time::Instant::now() + self.opts.progress_interval;
         let mut eof = false;
+        let mut restart_after = self.opts.ice_restart_after;
 
         loop {
             let timeout = self
@@ -1069,6 +1168,9 @@ impl Driver<'_> {
                 break;
             }
             let connected = media_start.is_some();
+            let restart_due = media_start
+                .zip(restart_after)
+                .map(|(start, after)| tokio::time::Instant::from_std(start + after));
             let due = match (&pending, media_start) {
                 (Some(f), Some(start)) => start + f.send_at,
                 _ => Instant::now() + Duration::from_secs(3600),
@@ -1116,6 +1218,10 @@ impl Driver<'_> {
                     Some(frame) => pending = Some(frame),
                     None => eof = true,
                 },
+                _ = sleep_until_opt(restart_due), if restart_due.is_some() => {
+                    restart_after = None;
+                    self.ice_restart().await?;
+                }
                 _ = tokio::time::sleep_until(next_progress), if connected && self.verbose => {
                     next_progress += self.opts.progress_interval;
                     self.log_progress(media_start);
@@ -1127,6 +1233,56 @@ impl Driver<'_> {
         }
         // Push out what the last write produced.
         let _ = self.drain(&mut disconnected_since, &mut media_start).await;
+        Ok(())
+    }
+
+    /// Moves the session to a new UDP socket with an ICE restart (RFC 9725 §4.3.2): new
+    /// credentials and the new socket's candidates go to the server in a `PATCH` with
+    /// `If-Match: "*"`; its answer brings the server's new credentials and candidates. The old
+    /// socket is closed, so media can only go on over the new path.
+    async fn ice_restart(&mut self) -> anyhow::Result<()> {
+        let socket = UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)))
+            .await
+            .context("binding a UDP socket for the ICE restart")?;
+        let mut locals = LocalAddrs::new(socket.local_addr()?.port());
+        for ip in &self.signalling.remote_ips {
+            locals.route_to(*ip);
+        }
+        let candidates: Vec<Candidate> = locals
+            .candidates()
+            .into_iter()
+            .filter_map(|a| Candidate::host(a, "udp").ok())
+            .collect();
+        let mut api = self.rtc.sdp_api();
+        api.ice_restart(false);
+        let (offer, pending) = api
+            .apply()
+            .ok_or_else(|| anyhow!("str0m produced no ICE restart offer"))?;
+        let lines: Vec<String> = candidates.iter().map(|c| c.to_sdp_string()).collect();
+        let fragment = restart_fragment(&offer.to_sdp_string(), &lines);
+        note!(self.verbose, "ICE restart on a new UDP socket");
+        let server = self.signalling.restart(&fragment).await?;
+        let (Some(ufrag), Some(pwd)) = (server.ufrag, server.pwd) else {
+            bail!("the WHIP server's ICE restart answer has no ice-ufrag/ice-pwd");
+        };
+        let answer = crate::rtc::trickle::restart_offer(&self.signalling.answer, &ufrag, &pwd);
+        accept_answer(&mut self.rtc, pending, &answer)?;
+        // str0m restarted its ICE agent with the answer, without candidates.
+        for c in candidates {
+            self.rtc.add_local_candidate(c);
+        }
+        for c in &server.candidates {
+            match Candidate::from_sdp_string(c) {
+                Ok(c) => {
+                    self.rtc.add_remote_candidate(c);
+                }
+                Err(e) => debug!("skipping the server's candidate {c}: {e}"),
+            }
+        }
+        self.signalling.answer = answer;
+        self.socket = socket;
+        self.locals = locals;
+        self.stats.ice_restarts += 1;
         Ok(())
     }
 

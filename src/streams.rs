@@ -23,9 +23,16 @@ use crate::{hls, transcode};
 pub struct SessionInfo {
     pub id: String,
     pub stream: String,
-    pub etag: String,
+    /// Strong ETag of the current ICE session; an ICE restart changes it.
+    pub etag: Mutex<String>,
     pub publication_id: u64,
     pub created: Instant,
+}
+
+impl SessionInfo {
+    pub fn etag(&self) -> String {
+        lock(&self.etag).clone()
+    }
 }
 
 pub struct Stream {

@@ -17,6 +17,9 @@ const SESSIONS_CREATED: &str = "whipgate_sessions_created_total";
 const BYTES_IN: &str = "whipgate_bytes_in_total";
 const PACKETS_IN: &str = "whipgate_packets_in_total";
 const KEYFRAME_REQUESTS: &str = "whipgate_keyframe_requests_total";
+const ICE_RESTARTS: &str = "whipgate_ice_restarts_total";
+const RATE_LIMITED: &str = "whipgate_http_rate_limited_total";
+const REDIRECTS: &str = "whipgate_whip_redirects_total";
 const HLS_SEGMENTS: &str = "whipgate_hls_segments_total";
 const PUSH_RECONNECTS: &str = "whipgate_push_reconnects_total";
 const PUSH_BYTES: &str = "whipgate_push_bytes_total";
@@ -56,6 +59,15 @@ fn describe() {
         KEYFRAME_REQUESTS,
         "Keyframe requests (PLI or FIR) sent to publishers"
     );
+    describe_counter!(ICE_RESTARTS, "ICE restarts asked by publishers");
+    describe_counter!(
+        RATE_LIMITED,
+        "WHIP requests refused with 429 by the per-IP rate limit"
+    );
+    describe_counter!(
+        REDIRECTS,
+        "WHIP offers sent to another node with 307 (redirect mode)"
+    );
     describe_counter!(HLS_SEGMENTS, "HLS segments written");
     describe_counter!(
         PUSH_RECONNECTS,
@@ -80,6 +92,9 @@ pub struct Counters {
     pub bytes_in: Counter,
     pub packets_in: Counter,
     pub keyframe_requests: Counter,
+    pub ice_restarts: Counter,
+    pub rate_limited: Counter,
+    pub redirects: Counter,
     pub hls_segments: Counter,
     pub push_reconnects: Counter,
     pub push_bytes: Counter,
@@ -93,6 +108,9 @@ pub fn counters() -> &'static Counters {
             bytes_in: counter!(BYTES_IN),
             packets_in: counter!(PACKETS_IN),
             keyframe_requests: counter!(KEYFRAME_REQUESTS),
+            ice_restarts: counter!(ICE_RESTARTS),
+            rate_limited: counter!(RATE_LIMITED),
+            redirects: counter!(REDIRECTS),
             hls_segments: counter!(HLS_SEGMENTS),
             push_reconnects: counter!(PUSH_RECONNECTS),
             push_bytes: counter!(PUSH_BYTES),

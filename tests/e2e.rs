@@ -229,3 +229,59 @@ fn bad_config_is_refused_at_start_naming_the_key() {
         assert!(err.contains(key), "{text}: {err}");
     }
 }
+
+/// The largest gap between consecutive video frames of the HLS, in s.
+fn largest_video_gap(url: &str) -> f64 {
+    let out = std::process::Command::new("ffprobe")
+        .args(["-v", "error", "-select_streams", "v:0", "-show_entries"])
+        .args(["packet=pts_time", "-of", "csv=p=0", url])
+        .output()
+        .expect("ffprobe");
+    let mut pts: Vec<f64> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().trim_end_matches(',').parse().ok())
+        .collect();
+    pts.sort_by(f64::total_cmp);
+    assert!(pts.len() > 100, "{} video frames", pts.len());
+    pts.windows(2).map(|w| w[1] - w[0]).fold(0.0, f64::max)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ice_restart_moves_media_to_a_new_path_in_the_same_session() {
+    let server = Server::start("").unwrap();
+    // `whipgate publish` restarts ICE from a new UDP socket 4 s in: the old
+    // path is gone, so every frame after that came over the new one.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_whipgate"))
+        .arg("publish")
+        .arg(sample_mkv())
+        .arg(server.url("/whip/moving"))
+        .args(["--ice-restart-after", "4"])
+        .env("WHIPGATE_LOG", "info")
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), out)
+        .await
+        .expect("publish finished in time")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "whipgate publish: {stderr}");
+    assert!(
+        stderr.contains("ICE restart on a new UDP socket"),
+        "{stderr}"
+    );
+    // One session, restarted once, and one publication: no discontinuity.
+    let playlist = check_hls(&server, "moving", av(10.0)).await;
+    assert_eq!(playlist.discontinuities, 0, "{playlist:?}");
+    let log = server.log();
+    assert_eq!(log.matches("session created").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("ICE restarted by the client").count(),
+        1,
+        "{log}"
+    );
+    let gap = largest_video_gap(&server.url("/hls/moving/index.m3u8"));
+    eprintln!("largest video gap across the ICE restart: {gap:.3} s");
+    assert!(
+        gap < 0.2,
+        "a {gap:.3} s gap in the video across the restart"
+    );
+}

@@ -128,16 +128,69 @@ async fn trickle_patch_status_codes() {
         expect_problem(resp, StatusCode::BAD_REQUEST, bad).await;
     }
 
-    // 422: ICE restart is not supported yet, and says so.
+    // ICE restart without new credentials: 400, and the session goes on.
     let resp = patch(&client, &server, &s)
         .header(header::CONTENT_TYPE, TRICKLE)
         .header(header::IF_MATCH, "*")
-        .body("a=ice-ufrag:newU\r\na=ice-pwd:newpasswordnewpassword12\r\n")
+        .body("a=candidate:1 1 udp 2122260223 127.0.0.1 61764 typ host\r\n")
         .send()
         .await
         .expect("PATCH");
-    let (_, body) = expect_problem(resp, StatusCode::UNPROCESSABLE_ENTITY, "ICE restart").await;
-    assert!(detail(&body).contains("ICE restart"), "{body}");
+    let (_, body) = expect_problem(resp, StatusCode::BAD_REQUEST, "restart, no creds").await;
+    assert!(detail(&body).contains("ice-pwd"), "{body}");
+
+    // ICE restart: 200, the server's new sdpfrag and a new ETag.
+    let resp = patch(&client, &server, &s)
+        .header(header::CONTENT_TYPE, TRICKLE)
+        .header(header::IF_MATCH, "*")
+        .body(
+            "a=ice-ufrag:newU\r\na=ice-pwd:newpasswordnewpassword12\r\n\
+             a=candidate:1 1 udp 2122260223 127.0.0.1 61765 typ host\r\n",
+        )
+        .send()
+        .await
+        .expect("PATCH");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let h = resp.headers().clone();
+    assert_eq!(header_str(&h, header::CONTENT_TYPE), TRICKLE);
+    let new_etag = header_str(&h, header::ETAG).to_owned();
+    assert!(new_etag.starts_with('"') && new_etag != s.etag, "{h:?}");
+    let frag = resp.text().await.expect("body");
+    for want in [
+        "a=ice-lite",
+        "a=ice-ufrag:",
+        "a=ice-pwd:",
+        "a=mid:",
+        "a=candidate:",
+        "a=group:BUNDLE",
+    ] {
+        assert!(frag.contains(want), "{want} missing in {frag}");
+    }
+    let ufrags: Vec<&str> = frag
+        .lines()
+        .filter_map(|l| l.strip_prefix("a=ice-ufrag:"))
+        .collect();
+    assert!(
+        !ufrags.is_empty() && ufrags.iter().all(|u| *u == ufrags[0]),
+        "{frag}"
+    );
+    // The old ETag is stale now, the new one matches.
+    let resp = patch(&client, &server, &s)
+        .header(header::CONTENT_TYPE, TRICKLE)
+        .header(header::IF_MATCH, &s.etag)
+        .body("a=end-of-candidates\r\n")
+        .send()
+        .await
+        .expect("PATCH");
+    expect_problem(resp, StatusCode::PRECONDITION_FAILED, "old etag").await;
+    let resp = patch(&client, &server, &s)
+        .header(header::CONTENT_TYPE, TRICKLE)
+        .header(header::IF_MATCH, &new_etag)
+        .body("a=end-of-candidates\r\n")
+        .send()
+        .await
+        .expect("PATCH");
+    assert_eq!(resp.status(), StatusCode::NO_CONTENT);
 
     // 404: an unknown session.
     let resp = client
@@ -277,11 +330,12 @@ async fn options_and_get_on_the_session() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn trickle_turned_off_is_422_and_not_advertised() {
+async fn trickle_turned_off_is_422_but_patch_stays_for_ice_restarts() {
     let server = Server::start("[webrtc]\ntrickle = false\n").expect("server");
     let client = client();
     let s = create(&client, &server, "notrickle", None).await;
-    assert!(s.headers.get("accept-patch").is_none(), "{:?}", s.headers);
+    // PATCH is still supported (ICE restarts), with the same media type.
+    assert_eq!(header_str(&s.headers, "accept-patch"), TRICKLE);
 
     let resp = client
         .request(Method::OPTIONS, server.url(&s.location))
@@ -289,8 +343,8 @@ async fn trickle_turned_off_is_422_and_not_advertised() {
         .await
         .expect("OPTIONS");
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
-    assert!(resp.headers().get("accept-patch").is_none());
-    assert!(!header_str(resp.headers(), header::ALLOW).contains("PATCH"));
+    assert_eq!(header_str(resp.headers(), "accept-patch"), TRICKLE);
+    assert!(header_str(resp.headers(), header::ALLOW).contains("PATCH"));
 
     let resp = patch(&client, &server, &s)
         .header(header::CONTENT_TYPE, TRICKLE)

@@ -127,7 +127,7 @@ pub async fn post(
     let info = Arc::new(SessionInfo {
         id: id.clone(),
         stream: stream_name.clone(),
-        etag: created.etag.clone(),
+        etag: std::sync::Mutex::new(created.etag.clone()),
         publication_id: publication.id,
         created: Instant::now(),
     });
@@ -142,9 +142,8 @@ pub async fn post(
     );
     insert(h, header::LOCATION, &location);
     insert(h, header::ETAG, &created.etag);
-    if app.streams.config().webrtc.trickle {
-        h.insert("accept-patch", HeaderValue::from_static(TRICKLE_TYPE));
-    }
+    // ICE restarts are always offered, trickle ICE when on: PATCH is.
+    h.insert("accept-patch", HeaderValue::from_static(TRICKLE_TYPE));
     for link in ice_server_links(&app) {
         if let Ok(v) = HeaderValue::from_str(&link) {
             h.append(header::LINK, v);
@@ -198,8 +197,9 @@ pub async fn get_session(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-/// `PATCH` on a session: trickle ICE (RFC 9725 §4.3.1). ICE restarts
-/// (`If-Match: "*"`) are not offered yet: 422.
+/// `PATCH` on a session (RFC 9725 §4.3): trickle ICE with the session's
+/// ETag, or an ICE restart with `If-Match: "*"`. With trickle turned off, a
+/// trickle `PATCH` gets 422 (the server supports ICE restarts, not trickle).
 pub async fn patch(
     State(app): State<AppState>,
     Extension(auth): Extension<Arc<Auth>>,
@@ -208,14 +208,6 @@ pub async fn patch(
     body: Bytes,
 ) -> Result<Response, AppError> {
     let info = session_for(&app, &auth, &stream_name, &session, &headers)?;
-    let trickle_on = app.streams.config().webrtc.trickle;
-    if !trickle_on {
-        return Err(AppError::Unacceptable(
-            "trickle ICE is turned off on this server (webrtc.trickle = false); \
-             the SDP offer must carry every candidate"
-                .into(),
-        ));
-    }
     if !content_type_is(&headers, TRICKLE_TYPE) {
         let mut resp = AppError::UnsupportedMediaType {
             expected: TRICKLE_TYPE,
@@ -231,30 +223,31 @@ pub async fn patch(
         .to_str()
         .map_err(|_| AppError::PreconditionFailed)?
         .trim();
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| AppError::BadRequest("the SDP fragment is not UTF-8".into()))?;
     if if_match == "*" {
+        return ice_restart(&app, &info, text).await;
+    }
+    if !app.streams.config().webrtc.trickle {
         return Err(AppError::Unacceptable(
-            "ICE restart (If-Match: \"*\") is not supported yet: \
-             end this session with DELETE and POST a new offer"
+            "trickle ICE is turned off on this server (webrtc.trickle = false); \
+             the SDP offer must carry every candidate (ICE restarts with \
+             If-Match: \"*\" are supported)"
                 .into(),
         ));
     }
     // Strong comparison (RFC 9110 §13.1.1): any listed tag equal to ours.
-    if !if_match.split(',').any(|t| t.trim() == info.etag) {
+    let etag = info.etag();
+    if !if_match.split(',').any(|t| t.trim() == etag) {
         return Err(AppError::PreconditionFailed);
     }
-    let text = std::str::from_utf8(&body)
-        .map_err(|_| AppError::BadRequest("the SDP fragment is not UTF-8".into()))?;
     let fragment = trickle::parse(text)
         .map_err(|e| AppError::BadRequest(format!("malformed SDP fragment: {e}")))?;
     let added = app
         .rtc
         .add_remote_candidates(&info.id, fragment.candidates, fragment.end_of_candidates)
         .await
-        .map_err(|e| match e {
-            RtcError::Sdp(m) => AppError::BadRequest(format!("malformed SDP fragment: {m}")),
-            RtcError::UnknownSession => AppError::NotFound,
-            _ => AppError::Internal(e.to_string()),
-        })?;
+        .map_err(|e| patch_error(e, "SDP fragment"))?;
     tracing::debug!(
         stream = %stream_name,
         session = %info.id,
@@ -266,6 +259,41 @@ pub async fn patch(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// An ICE restart (RFC 9725 §4.3.2): the client's new `ice-ufrag`/`ice-pwd`
+/// (and candidates, if any) in, 200 with the server's new ones and a new
+/// ETag out. A refused restart changes nothing: the session goes on.
+async fn ice_restart(app: &AppState, info: &SessionInfo, text: &str) -> Result<Response, AppError> {
+    let fragment = trickle::parse(text)
+        .map_err(|e| AppError::BadRequest(format!("malformed SDP fragment: {e}")))?;
+    let (Some(ufrag), Some(pwd)) = (fragment.ufrag, fragment.pwd) else {
+        return Err(AppError::BadRequest(
+            "an ICE restart (If-Match: \"*\") needs a=ice-ufrag and a=ice-pwd".into(),
+        ));
+    };
+    let answer = app
+        .rtc
+        .ice_restart(&info.id, ufrag, pwd, fragment.candidates)
+        .await
+        .map_err(|e| patch_error(e, "ICE restart"))?;
+    let etag = format!("\"{}\"", crate::rtc::random_id(12));
+    *lock(&info.etag) = etag.clone();
+    tracing::info!(stream = %info.stream, session = %info.id, "ICE restart");
+    let mut resp = (StatusCode::OK, answer).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(TRICKLE_TYPE));
+    insert(h, header::ETAG, &etag);
+    Ok(resp)
+}
+
+fn patch_error(e: RtcError, what: &str) -> AppError {
+    match e {
+        RtcError::Sdp(m) => AppError::BadRequest(format!("malformed {what}: {m}")),
+        RtcError::Negotiation(m) => AppError::Unacceptable(format!("{what} refused: {m}")),
+        RtcError::UnknownSession => AppError::NotFound,
+        RtcError::Gone => AppError::Internal(e.to_string()),
+    }
+}
+
 /// `OPTIONS` on the endpoint (CORS preflight included): no ICE servers here.
 pub async fn options_endpoint() -> Response {
     let mut resp = options("OPTIONS, GET, POST", "Authorization, Content-Type");
@@ -274,17 +302,16 @@ pub async fn options_endpoint() -> Response {
     resp
 }
 
-/// `OPTIONS` on a session: what it supports, trickle ICE when on.
-pub async fn options_session(State(app): State<AppState>) -> Response {
-    let request_headers = "Authorization, Content-Type, If-Match";
-    if app.streams.config().webrtc.trickle {
-        let mut resp = options("OPTIONS, GET, PATCH, DELETE", request_headers);
-        resp.headers_mut()
-            .insert("accept-patch", HeaderValue::from_static(TRICKLE_TYPE));
-        resp
-    } else {
-        options("OPTIONS, GET, DELETE", request_headers)
-    }
+/// `OPTIONS` on a session: what it supports. `PATCH` always (ICE
+/// restarts; trickle ICE too unless turned off).
+pub async fn options_session() -> Response {
+    let mut resp = options(
+        "OPTIONS, GET, PATCH, DELETE",
+        "Authorization, Content-Type, If-Match",
+    );
+    resp.headers_mut()
+        .insert("accept-patch", HeaderValue::from_static(TRICKLE_TYPE));
+    resp
 }
 
 fn options(methods: &'static str, request_headers: &'static str) -> Response {

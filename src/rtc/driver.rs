@@ -48,6 +48,15 @@ pub(super) enum Command {
         end_of_candidates: bool,
         reply: oneshot::Sender<Result<usize, RtcError>>,
     },
+    /// An ICE restart (`PATCH` with `If-Match: "*"`): the client's new
+    /// credentials and candidates; the reply is the server's sdpfrag.
+    IceRestart {
+        id: String,
+        ufrag: String,
+        pwd: String,
+        candidates: Vec<String>,
+        reply: oneshot::Sender<Result<String, RtcError>>,
+    },
     Close {
         id: String,
     },
@@ -62,6 +71,9 @@ pub(super) enum Command {
 struct Session {
     id: String,
     rtc: Rtc,
+    /// The offer last negotiated (as given to str0m), the base of an ICE
+    /// restart's offer.
+    offer: String,
     hub: Arc<Hub>,
     publication: Publication,
     video_mid: Option<Mid>,
@@ -180,7 +192,7 @@ impl Driver {
             } => {
                 let span = tracing::info_span!("session", stream = %hub.name(), session = %id);
                 let result = span.in_scope(|| self.create(&offer, &accepted));
-                let result = result.map(|(rtc, answer)| {
+                let result = result.map(|(rtc, offer, answer)| {
                     // Strong ETag, unique per ICE session.
                     let created = Created {
                         answer,
@@ -191,6 +203,7 @@ impl Driver {
                         Session {
                             id: id.clone(),
                             rtc,
+                            offer,
                             hub,
                             publication,
                             video_mid: None,
@@ -226,6 +239,22 @@ impl Driver {
                 };
                 let _ = reply.send(result);
             }
+            Command::IceRestart {
+                id,
+                ufrag,
+                pwd,
+                candidates,
+                reply,
+            } => {
+                let result = match self.sessions.get_mut(&id) {
+                    Some(s) => {
+                        s.next_timeout = Instant::now();
+                        ice_restart(s, &ufrag, &pwd, &candidates)
+                    }
+                    None => Err(RtcError::UnknownSession),
+                };
+                let _ = reply.send(result);
+            }
             Command::Close { id } => {
                 if let Some(mut s) = self.sessions.remove(&id) {
                     s.close("closed by client (DELETE)");
@@ -243,7 +272,7 @@ impl Driver {
         }
     }
 
-    fn create(&self, offer: &str, accepted: &Accepted) -> Result<(Rtc, String), RtcError> {
+    fn create(&self, offer: &str, accepted: &Accepted) -> Result<(Rtc, String, String), RtcError> {
         let candidates: Vec<_> = self
             .local_ips
             .iter()
@@ -363,14 +392,14 @@ impl Driver {
 }
 
 /// Builds the ICE-lite `Rtc` of a new session from the client's offer and
-/// returns it with the SDP answer.
+/// returns it with the offer as negotiated and the SDP answer.
 fn negotiate(
     offer: &str,
     accepted: &Accepted,
     cert: Option<&str0m::config::DtlsCert>,
     candidates: &[SocketAddr],
     now: Instant,
-) -> Result<(Rtc, String), RtcError> {
+) -> Result<(Rtc, String, String), RtcError> {
     // We never send media: a `sendrecv` offer (Safari) is answered like a
     // `sendonly` one, with `recvonly`.
     let offer = offer.replace("a=sendrecv", "a=sendonly");
@@ -417,7 +446,39 @@ fn negotiate(
         .sdp_api()
         .accept_offer(sdp)
         .map_err(|e| RtcError::Negotiation(e.to_string()))?;
-    Ok((rtc, answer.to_sdp_string()))
+    Ok((rtc, offer, answer.to_sdp_string()))
+}
+
+/// An ICE restart asked by the client: str0m renegotiates the session's own
+/// offer with the new credentials (which restarts its ICE agent, keeping our
+/// candidates, DTLS and SRTP), then gets the new remote candidates. Media
+/// goes on over the old pair until the client checks a new one. Returns the
+/// server's sdpfrag. Nothing changes when the new offer does not parse.
+fn ice_restart(
+    s: &mut Session,
+    ufrag: &str,
+    pwd: &str,
+    candidates: &[String],
+) -> Result<String, RtcError> {
+    let _g = s.span.enter();
+    let offer = super::trickle::restart_offer(&s.offer, ufrag, pwd);
+    let parsed = candidates
+        .iter()
+        .map(|c| Candidate::from_sdp_string(c).map_err(|e| RtcError::Sdp(e.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    let sdp = SdpOffer::from_sdp_string(&offer).map_err(|e| RtcError::Sdp(e.to_string()))?;
+    let answer = s
+        .rtc
+        .sdp_api()
+        .accept_offer(sdp)
+        .map_err(|e| RtcError::Negotiation(e.to_string()))?;
+    s.offer = offer;
+    for c in parsed {
+        s.rtc.add_remote_candidate(c);
+    }
+    tracing::info!(candidates = candidates.len(), "ICE restarted by the client");
+    telemetry::counters().ice_restarts.increment(1);
+    Ok(super::trickle::ice_fragment(&answer.to_sdp_string()))
 }
 
 /// Runs one session's state machine until it waits. `Ok(None)` when the
@@ -598,7 +659,7 @@ mod tests {
             .map_err(|e| e.to_string())?;
         let server: SocketAddr = "127.0.0.1:8189".parse().unwrap();
         negotiate(offer_text, &accepted, None, &[server], Instant::now())
-            .map(|(_, a)| a)
+            .map(|(_, _, a)| a)
             .map_err(|e| e.to_string())
     }
 

@@ -118,6 +118,29 @@ impl RtcHandle {
         rx.await.map_err(|_| RtcError::Gone)?
     }
 
+    /// Restarts ICE on a session with the client's new credentials and
+    /// candidates; returns the server's `trickle-ice-sdpfrag`.
+    pub async fn ice_restart(
+        &self,
+        id: &str,
+        ufrag: String,
+        pwd: String,
+        candidates: Vec<String>,
+    ) -> Result<String, RtcError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Command::IceRestart {
+                id: id.to_owned(),
+                ufrag,
+                pwd,
+                candidates,
+                reply,
+            })
+            .await
+            .map_err(|_| RtcError::Gone)?;
+        rx.await.map_err(|_| RtcError::Gone)?
+    }
+
     pub async fn close(&self, id: &str) {
         let _ = self.tx.send(Command::Close { id: id.to_owned() }).await;
     }

@@ -20,6 +20,8 @@ pub struct Fragment {
     pub end_of_candidates: bool,
     /// The first `a=ice-ufrag` of the fragment.
     pub ufrag: Option<String>,
+    /// The first `a=ice-pwd` of the fragment (an ICE restart brings one).
+    pub pwd: Option<String>,
 }
 
 /// Parses a whole fragment body.
@@ -53,6 +55,13 @@ pub fn parse(text: &str) -> Result<Fragment, String> {
             }
             ufrag = Some(v.to_owned());
             fragment.ufrag.get_or_insert_with(|| v.to_owned());
+        } else if let Some(v) = attr.strip_prefix("ice-pwd:") {
+            let v = v.trim();
+            // RFC 8839 §5.4: 22 to 256 ice-chars.
+            if !(22..=256).contains(&v.len()) || !v.bytes().all(is_ice_char) {
+                return Err(format!("line {}: bad ice-pwd", n + 1));
+            }
+            fragment.pwd.get_or_insert_with(|| v.to_owned());
         } else if attr.starts_with("candidate:") {
             match candidate(attr).map_err(|e| format!("line {}: {e}", n + 1))? {
                 Some(c) => pending.push(Parsed {
@@ -64,8 +73,8 @@ pub fn parse(text: &str) -> Result<Fragment, String> {
         } else if attr.trim() == "end-of-candidates" {
             fragment.end_of_candidates = true;
         }
-        // Other attributes (ice-pwd, ice-options, mid, group…) change
-        // nothing for a trickle PATCH.
+        // Other attributes (ice-options, mid, group…) change nothing for
+        // a trickle PATCH.
     }
     if !any_line {
         return Err("the fragment is empty".into());
@@ -80,6 +89,78 @@ pub fn parse(text: &str) -> Result<Fragment, String> {
         fragment.candidates.push(c.to_attribute());
     }
     Ok(fragment)
+}
+
+/// The offer of an ICE restart (RFC 9725 §4.3.2): the session's offer with
+/// the client's new credentials and without its old candidates (the new
+/// ones are added afterwards, as trickled ones are).
+pub fn restart_offer(offer: &str, ufrag: &str, pwd: &str) -> String {
+    let mut out = String::with_capacity(offer.len());
+    for line in offer.lines() {
+        let line = line.trim_end_matches('\r');
+        if line.starts_with("a=candidate:") || line == "a=end-of-candidates" {
+            continue;
+        }
+        if line.starts_with("a=ice-ufrag:") {
+            out.push_str("a=ice-ufrag:");
+            out.push_str(ufrag);
+        } else if line.starts_with("a=ice-pwd:") {
+            out.push_str("a=ice-pwd:");
+            out.push_str(pwd);
+        } else {
+            out.push_str(line);
+        }
+        out.push_str("\r\n");
+    }
+    out
+}
+
+/// The ICE lines of an SDP as an `application/trickle-ice-sdpfrag` (RFC 8840,
+/// RFC 9725 §4.3.2), as both sides of an ICE restart send them (the server
+/// from its answer to [`restart_offer`]): the session-level `ice-lite` and `ice-options`, the
+/// BUNDLE group, and per media section its `mid`, new `ice-ufrag`/`ice-pwd`
+/// and, in the first, every candidate and `end-of-candidates`.
+pub fn ice_fragment(answer: &str) -> String {
+    let mut session = Vec::new();
+    let mut media: Vec<Vec<&str>> = Vec::new();
+    for line in answer.lines().map(|l| l.trim_end_matches('\r')) {
+        if line.starts_with("m=") {
+            media.push(vec![line]);
+            continue;
+        }
+        let keep = line == "a=ice-lite"
+            || line.starts_with("a=ice-options:")
+            || line.starts_with("a=group:BUNDLE")
+            || line.starts_with("a=mid:")
+            || line.starts_with("a=ice-ufrag:")
+            || line.starts_with("a=ice-pwd:")
+            || line.starts_with("a=candidate:")
+            || line == "a=end-of-candidates";
+        if !keep {
+            continue;
+        }
+        match media.last_mut() {
+            Some(m) => m.push(line),
+            None => session.push(line),
+        }
+    }
+    // Candidates belong to the first section only (one BUNDLE transport).
+    let mut out = String::new();
+    for line in session {
+        out.push_str(line);
+        out.push_str("\r\n");
+    }
+    for (i, section) in media.iter().enumerate() {
+        for line in section {
+            let candidate = line.starts_with("a=candidate:") || *line == "a=end-of-candidates";
+            if i > 0 && candidate {
+                continue;
+            }
+            out.push_str(line);
+            out.push_str("\r\n");
+        }
+    }
+    out
 }
 
 struct Parsed {
@@ -249,6 +330,60 @@ a=end-of-candidates\r\n";
                 "candidate:3471623853 1 udp 2122194687 198.51.100.2 61765 typ host ufrag EsAw",
                 "candidate:2 1 udp 1677729535 203.0.113.9 40000 typ srflx raddr 0.0.0.0 rport 0 ufrag EsAw",
             ]
+        );
+    }
+
+    #[test]
+    fn restart_fragment_carries_the_new_credentials() {
+        let f = parse(
+            "a=ice-ufrag:NEWU\r\na=ice-pwd:aaaaaaaaaaaaaaaaaaaaaaaa\r\n\
+             a=candidate:1 1 udp 2122260223 192.0.2.1 61766 typ host\r\n",
+        )
+        .unwrap();
+        assert_eq!(f.ufrag.as_deref(), Some("NEWU"));
+        assert_eq!(f.pwd.as_deref(), Some("aaaaaaaaaaaaaaaaaaaaaaaa"));
+        assert!(parse("a=ice-pwd:short\r\n").is_err());
+    }
+
+    #[test]
+    fn restart_offer_swaps_credentials_and_drops_old_candidates() {
+        let offer = "v=0\r\na=group:BUNDLE 0 1\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n\
+                     a=mid:0\r\na=ice-ufrag:old\r\na=ice-pwd:oldoldoldoldoldoldoldold\r\n\
+                     a=candidate:1 1 udp 1 192.0.2.1 5000 typ host\r\na=end-of-candidates\r\n\
+                     m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:1\r\na=ice-ufrag:old\r\n\
+                     a=ice-pwd:oldoldoldoldoldoldoldold\r\n";
+        let new = restart_offer(offer, "NEWU", "newnewnewnewnewnewnewnew");
+        assert_eq!(new.matches("a=ice-ufrag:NEWU\r\n").count(), 2, "{new}");
+        assert_eq!(
+            new.matches("a=ice-pwd:newnewnewnewnewnewnewnew\r\n")
+                .count(),
+            2
+        );
+        assert!(!new.contains("old") && !new.contains("candidate"), "{new}");
+        assert!(new.contains("a=mid:1\r\n"));
+    }
+
+    #[test]
+    fn ice_fragment_golden() {
+        let answer = "v=0\r\no=- 1 2 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n\
+                      a=group:BUNDLE 0 1\r\na=ice-lite\r\na=ice-options:trickle\r\n\
+                      m=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\n\
+                      a=ice-ufrag:SRV2\r\na=ice-pwd:pppppppppppppppppppppp\r\n\
+                      a=setup:passive\r\na=recvonly\r\n\
+                      a=candidate:1 1 udp 2130706175 127.0.0.1 8189 typ host\r\n\
+                      a=end-of-candidates\r\n\
+                      m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:1\r\n\
+                      a=ice-ufrag:SRV2\r\na=ice-pwd:pppppppppppppppppppppp\r\n\
+                      a=candidate:1 1 udp 2130706175 127.0.0.1 8189 typ host\r\n";
+        assert_eq!(
+            ice_fragment(answer),
+            "a=group:BUNDLE 0 1\r\na=ice-lite\r\na=ice-options:trickle\r\n\
+             m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:0\r\na=ice-ufrag:SRV2\r\n\
+             a=ice-pwd:pppppppppppppppppppppp\r\n\
+             a=candidate:1 1 udp 2130706175 127.0.0.1 8189 typ host\r\n\
+             a=end-of-candidates\r\n\
+             m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=mid:1\r\na=ice-ufrag:SRV2\r\n\
+             a=ice-pwd:pppppppppppppppppppppp\r\n"
         );
     }
 
