@@ -44,6 +44,10 @@ pub struct Config {
     pub hls: HlsConfig,
     #[serde(default)]
     pub rtmp: RtmpConfig,
+    /// Several nodes: redirects (307) to the least-loaded peer or per
+    /// stream pattern.
+    #[serde(default)]
+    pub cluster: ClusterConfig,
     /// Who may publish beyond each stream's own tokens: tokens for every
     /// stream, JWT, an HTTP callback.
     #[serde(default)]
@@ -79,6 +83,67 @@ pub struct ServerConfig {
     /// Development mode: serve HTTPS with a generated self-signed
     /// certificate for localhost, 127.0.0.1 and `webrtc.public_addresses`.
     pub tls_self_signed: bool,
+    /// Per-client-IP rate of WHIP `POST`, `PATCH` and `DELETE`.
+    pub rate_limit: RateLimitConfig,
+}
+
+/// A token bucket per client IP address over WHIP `POST`, `PATCH` and
+/// `DELETE`: `burst` requests at once, refilled at `per_second`; beyond,
+/// 429 with `Retry-After`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// Sustained requests per second per IP; 0 turns the limit off.
+    pub per_second: f64,
+    /// Requests an IP may make at once.
+    pub burst: u32,
+    /// Loopback clients (a local reverse proxy, load tests) are not limited.
+    pub exempt_loopback: bool,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            per_second: 5.0,
+            burst: 30,
+            exempt_loopback: true,
+        }
+    }
+}
+
+/// Scale-out. Publishers `POST` to any node; a node sends the offer with a
+/// `307` to the peer with the lowest load (sessions / max_sessions) when
+/// that is lower than its own, or to the URL of the first route whose
+/// pattern the stream matches.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Base URLs of the other nodes (`http://10.0.0.2:8080`), as publishers
+    /// reach them. Each is asked for its load at `/cluster/load`.
+    pub peers: Vec<String>,
+    /// Seconds between two loads asked of each peer.
+    pub poll_interval: f64,
+    /// Streams sent elsewhere by name, first match wins.
+    pub routes: Vec<ClusterRoute>,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            peers: Vec::new(),
+            poll_interval: 1.0,
+            routes: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterRoute {
+    /// A stream name, `*` standing for any run of characters.
+    pub pattern: String,
+    /// The WHIP URL to send the offer to; `{stream}` becomes the name.
+    pub url: String,
 }
 
 impl Default for ServerConfig {
@@ -93,6 +158,7 @@ impl Default for ServerConfig {
             tls_cert: None,
             tls_key: None,
             tls_self_signed: false,
+            rate_limit: RateLimitConfig::default(),
         }
     }
 }
@@ -385,6 +451,17 @@ impl Config {
             ));
         }
         self.validate_tls()?;
+        self.validate_cluster()?;
+        let r = &self.server.rate_limit;
+        if !(r.per_second.is_finite() && (0.0..=10_000.0).contains(&r.per_second)) {
+            return Err(invalid(
+                "server.rate_limit.per_second",
+                "must be between 0 (off) and 10000",
+            ));
+        }
+        if r.burst == 0 {
+            return Err(invalid("server.rate_limit.burst", "must be at least 1"));
+        }
         if self.server.max_sessions == 0 {
             return Err(invalid("server.max_sessions", "must be at least 1"));
         }
@@ -460,6 +537,36 @@ impl Config {
                     "stream names use letters, digits, '-', '_' and '.' (1 to 64)",
                 ));
             }
+        }
+        Ok(())
+    }
+
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let c = &self.cluster;
+        let http_url = |key: &str, u: &str| match url::Url::parse(u) {
+            Ok(p) if matches!(p.scheme(), "http" | "https") && p.host().is_some() => Ok(()),
+            _ => Err(invalid(
+                key,
+                format!("`{u}` is not an http:// or https:// URL"),
+            )),
+        };
+        for (i, p) in c.peers.iter().enumerate() {
+            http_url(&format!("cluster.peers[{i}]"), p)?;
+        }
+        if !c.peers.is_empty() && !(0.1..=60.0).contains(&c.poll_interval) {
+            return Err(invalid(
+                "cluster.poll_interval",
+                "must be between 0.1 and 60 seconds",
+            ));
+        }
+        for (i, r) in c.routes.iter().enumerate() {
+            if r.pattern.is_empty() {
+                return Err(invalid(format!("cluster.routes[{i}].pattern"), "is empty"));
+            }
+            http_url(
+                &format!("cluster.routes[{i}].url"),
+                &r.url.replace("{stream}", "s"),
+            )?;
         }
         Ok(())
     }

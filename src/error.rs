@@ -26,6 +26,11 @@ pub enum AppError {
     StreamBusy(String),
     #[error("server is at capacity")]
     Overloaded,
+    #[error("too many requests from this address; retry in {retry_after} s")]
+    RateLimited { retry_after: u64 },
+    /// The offer belongs to another node (redirect mode).
+    #[error("this stream is served by {0}")]
+    Redirect(String),
     #[error("{0}")]
     AuthUnavailable(String),
     #[error("this request needs an If-Match header with the session's ETag")]
@@ -45,6 +50,8 @@ impl AppError {
             AppError::Unauthorized => StatusCode::UNAUTHORIZED,
             AppError::StreamDisabled(_) | AppError::Forbidden(_) => StatusCode::FORBIDDEN,
             AppError::NotFound => StatusCode::NOT_FOUND,
+            AppError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            AppError::Redirect(_) => StatusCode::TEMPORARY_REDIRECT,
             AppError::StreamBusy(_) => StatusCode::CONFLICT,
             AppError::Overloaded | AppError::AuthUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::PreconditionRequired => StatusCode::PRECONDITION_REQUIRED,
@@ -73,6 +80,14 @@ impl IntoResponse for AppError {
             }
             AppError::Overloaded | AppError::AuthUnavailable(_) => {
                 h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            AppError::RateLimited { retry_after } => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+            }
+            AppError::Redirect(url) => {
+                if let Ok(v) = HeaderValue::from_str(&url) {
+                    h.insert(header::LOCATION, v);
+                }
             }
             _ => {}
         }

@@ -2,6 +2,7 @@
 //! CLI over this library.
 
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod hls;

@@ -8,7 +8,7 @@ use axum::serve::{Listener, ListenerExt};
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::{http, rtc, streams, tls};
+use crate::{cluster, http, rtc, streams, tls};
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
@@ -31,10 +31,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     .await
     .with_context(|| format!("binding WebRTC UDP {}", config.webrtc.udp_listen))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let streams = streams::Streams::new(config.clone(), shutdown_rx);
+    let streams = streams::Streams::new(config.clone(), shutdown_rx.clone());
+    let cluster = cluster::Cluster::new(&config.cluster);
+    cluster.spawn_polling(shutdown_rx);
     let app = http::router(http::AppState {
         streams: streams.clone(),
         rtc: rtc.clone(),
+        cluster,
     });
     let listener = tokio::net::TcpListener::bind(config.server.http_listen)
         .await

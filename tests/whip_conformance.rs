@@ -679,3 +679,51 @@ async fn unreachable_callback_is_503() {
     assert!(h.get(header::RETRY_AFTER).is_some(), "{h:?}");
     assert_no_panic(&server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_ip_rate_limit_on_post_patch_delete_is_429_with_retry_after() {
+    let server = Server::start(
+        "[server.rate_limit]\nper_second = 0.5\nburst = 3\nexempt_loopback = false\n",
+    )
+    .expect("server");
+    let client = client();
+    // Three costly requests pass (and fail on their own merits)...
+    let url = server.url("/whip/limited");
+    for _ in 0..2 {
+        let resp = client
+            .post(&url)
+            .body("not sdp")
+            .send()
+            .await
+            .expect("POST");
+        assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+    let resp = client
+        .delete(server.url("/whip/limited/0123456789abcdef0123456789abcdef"))
+        .send()
+        .await
+        .expect("DELETE");
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    // ...the next POST, PATCH or DELETE of this IP waits.
+    for req in [
+        client.post(&url).body("v=0\r\n"),
+        client.patch(server.url("/whip/limited/0123456789abcdef0123456789abcdef")),
+        client.delete(server.url("/whip/limited/0123456789abcdef0123456789abcdef")),
+    ] {
+        let resp = req.send().await.expect("request");
+        let retry: u64 = header_str(resp.headers(), header::RETRY_AFTER)
+            .parse()
+            .expect("Retry-After in seconds");
+        assert!((1..=2).contains(&retry), "Retry-After {retry}");
+        let (_, body) = expect_problem(resp, StatusCode::TOO_MANY_REQUESTS, "over the rate").await;
+        assert!(detail(&body).contains("retry"), "{body}");
+    }
+    // Reads are not limited.
+    let resp = client.get(&url).send().await.expect("GET");
+    assert!(resp.status().is_success());
+    // A token comes back after 2 s.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let resp = client.post(&url).body("x").send().await.expect("POST");
+    assert_eq!(resp.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_no_panic(&server);
+}

@@ -27,6 +27,19 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
     resp
 }
 
+/// `GET /cluster/load`: this node's sessions and capacity, for peers in
+/// redirect mode and external balancers.
+pub async fn load(State(app): State<AppState>) -> axum::Json<crate::cluster::Load> {
+    axum::Json(own_load(&app))
+}
+
+pub fn own_load(app: &AppState) -> crate::cluster::Load {
+    crate::cluster::Load {
+        sessions: app.streams.session_count(),
+        max_sessions: app.streams.config().server.max_sessions,
+    }
+}
+
 /// `GET /healthz`: the process runs.
 pub async fn healthz() -> &'static str {
     "ok"

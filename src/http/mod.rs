@@ -3,6 +3,7 @@
 mod api;
 mod health;
 mod hls;
+mod rate_limit;
 mod whip;
 
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::auth::Auth;
+use crate::cluster::Cluster;
 use crate::error::{self, AppError};
 use crate::rtc::RtcHandle;
 use crate::streams::Streams;
@@ -26,6 +28,7 @@ use crate::telemetry;
 pub struct AppState {
     pub streams: Arc<Streams>,
     pub rtc: RtcHandle,
+    pub cluster: Arc<Cluster>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -36,9 +39,10 @@ pub fn router(state: AppState) -> Router {
         tracing::error!(error = %e, "authorization unusable: refusing every publication");
         Auth::refusing(format!("authorization is misconfigured: {e}"))
     }));
+    let limit = rate_limit::RateLimit::new(&state.streams.config().server.rate_limit);
     // Installs the metrics recorder (once per process).
     telemetry::handle();
-    Router::new()
+    let whip = Router::new()
         .route(
             "/whip/{stream}",
             post(whip::post)
@@ -52,7 +56,14 @@ pub fn router(state: AppState) -> Router {
                 .get(whip::get_session)
                 .options(whip::options_session),
         )
+        .layer(axum::middleware::from_fn_with_state(
+            limit,
+            rate_limit::limit,
+        ));
+    Router::new()
+        .merge(whip)
         .route("/hls/{stream}/{file}", get(hls::get))
+        .route("/cluster/load", get(health::load))
         .route("/metrics", get(health::metrics))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))

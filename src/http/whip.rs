@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use axum::Extension;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
@@ -35,12 +35,22 @@ pub async fn post(
     Extension(auth): Extension<Arc<Auth>>,
     peer: Peer,
     Path(stream_name): Path<String>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, AppError> {
     let started = Instant::now();
     if !valid_stream_name(&stream_name) {
         return Err(AppError::NotFound);
+    }
+    let redirected = query
+        .as_deref()
+        .is_some_and(|q| q.split('&').any(|p| p == crate::cluster::REDIRECTED_QUERY));
+    let own = super::health::own_load(&app);
+    if let Some(url) = app.cluster.redirect(&stream_name, own, redirected) {
+        tracing::info!(stream = %stream_name, to = %url, "offer redirected (307)");
+        crate::telemetry::counters().redirects.increment(1);
+        return Err(AppError::Redirect(url));
     }
     let settings = app.streams.config().stream(&stream_name).clone();
     let client_ip = peer.map(|Extension(ConnectInfo(a))| a.ip());
