@@ -168,6 +168,9 @@ impl Default for ServerConfig {
 pub struct WebRtcConfig {
     /// The one UDP socket that serves every WebRTC session.
     pub udp_listen: SocketAddr,
+    /// ICE over TCP (RFC 6544) on this address, a fallback for networks
+    /// that block UDP: a passive TCP candidate beside each UDP one.
+    pub tcp_listen: Option<SocketAddr>,
     /// Addresses put in ICE candidates: public IPs or host names for 1:1 NAT.
     /// Empty: the addresses of the local interfaces (or the listen address
     /// when it is not a wildcard).
@@ -186,6 +189,7 @@ impl Default for WebRtcConfig {
     fn default() -> Self {
         Self {
             udp_listen: "0.0.0.0:8189".parse().expect("static address"),
+            tcp_listen: None,
             public_addresses: Vec::new(),
             ice_servers: Vec::new(),
             idle_timeout: 15.0,
@@ -345,6 +349,9 @@ pub struct Overrides {
     /// WebRTC UDP listen address.
     #[arg(long, env = "WHIPGATE_UDP_LISTEN")]
     pub udp_listen: Option<SocketAddr>,
+    /// ICE-TCP listen address (off unless given here or in the config).
+    #[arg(long, env = "WHIPGATE_TCP_LISTEN")]
+    pub tcp_listen: Option<SocketAddr>,
     /// Addresses advertised in ICE candidates (comma separated).
     #[arg(long, env = "WHIPGATE_PUBLIC_ADDRESSES", value_delimiter = ',')]
     pub public_address: Vec<String>,
@@ -401,6 +408,9 @@ impl Config {
         }
         if let Some(a) = o.udp_listen {
             self.webrtc.udp_listen = a;
+        }
+        if let Some(a) = o.tcp_listen {
+            self.webrtc.tcp_listen = Some(a);
         }
         if !o.public_address.is_empty() {
             self.webrtc.public_addresses = o.public_address.clone();

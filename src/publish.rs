@@ -31,12 +31,14 @@ use ffmpeg_next as ffmpeg;
 use str0m::change::{SdpAnswer, SdpPendingOffer};
 use str0m::format::{Codec, PayloadParams};
 use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid, Pt};
-use str0m::net::{Protocol, Receive};
+use str0m::net::{Protocol, Receive, TcpType};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, info, warn};
 use url::Url;
+
+use crate::rtc::tcp::TcpLinks;
 
 /// Command line arguments of `whipgate publish`.
 #[derive(Debug, Clone, clap::Args)]
@@ -71,6 +73,10 @@ pub struct PublishArgs {
     /// `If-Match: "*"` (RFC 9725 §4.3.2). Media goes on in the same session.
     #[arg(long, value_name = "SECONDS")]
     pub ice_restart_after: Option<f64>,
+    /// Use ICE over TCP (RFC 6544) only: active TCP candidates towards the server's passive
+    /// ones, as a client behind a UDP-blocking firewall would.
+    #[arg(long)]
+    pub ice_tcp: bool,
 }
 
 /// Everything [`publish`] needs.
@@ -90,6 +96,8 @@ pub struct PublishOptions {
     pub progress_interval: Duration,
     /// Restart ICE on a new UDP socket this long after media starts.
     pub ice_restart_after: Option<Duration>,
+    /// ICE over TCP only.
+    pub ice_tcp: bool,
 }
 
 impl PublishOptions {
@@ -103,6 +111,7 @@ impl PublishOptions {
             connect_timeout: Duration::from_secs(10),
             progress_interval: Duration::from_secs(5),
             ice_restart_after: None,
+            ice_tcp: false,
         }
     }
 }
@@ -166,6 +175,12 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
     opts.loop_ = args.loop_;
     opts.connect_timeout = Duration::try_from_secs_f64(args.connect_timeout)
         .context("--connect-timeout is out of range")?;
+    opts.ice_tcp = args.ice_tcp;
+    if args.ice_tcp && args.ice_restart_after.is_some() {
+        bail!(
+            "--ice-restart-after moves to a new UDP socket: it cannot be combined with --ice-tcp"
+        );
+    }
     opts.ice_restart_after = match args.ice_restart_after {
         Some(s) if !s.is_finite() || s < 0.0 => {
             bail!("--ice-restart-after must be a number of seconds")
@@ -634,7 +649,7 @@ impl Session<'_> {
             locals.route_to(*ip);
         }
         for addr in locals.candidates() {
-            add_host_candidate(&mut rtc, addr);
+            add_host_candidate(&mut rtc, addr, opts.ice_tcp);
         }
 
         let mut api = rtc.sdp_api();
@@ -670,7 +685,7 @@ impl Session<'_> {
             accept_answer(&mut rtc, pending, &session.answer)?;
             for ip in remote_candidate_ips(&session.answer) {
                 if let Some(addr) = locals.route_to(ip) {
-                    add_host_candidate(&mut rtc, addr);
+                    add_host_candidate(&mut rtc, addr, opts.ice_tcp);
                 }
             }
             let video =
@@ -684,6 +699,7 @@ impl Session<'_> {
             let driver = Driver {
                 rtc,
                 socket,
+                tcp: opts.ice_tcp.then(TcpLinks::default),
                 locals,
                 signalling: Signalling {
                     http: self.http,
@@ -904,7 +920,7 @@ fn accept_answer(rtc: &mut Rtc, pending: SdpPendingOffer, answer: &str) -> anyho
         .map_err(|e| anyhow!("cannot use the WHIP server's SDP answer: {e}"))
 }
 
-/// The IP addresses of the UDP candidates in an SDP (mDNS names and TCP are skipped).
+/// The IP addresses of the UDP and TCP candidates in an SDP (mDNS names are skipped).
 fn remote_candidate_ips(sdp: &str) -> Vec<IpAddr> {
     let mut ips = Vec::new();
     for line in sdp.lines() {
@@ -916,7 +932,7 @@ fn remote_candidate_ips(sdp: &str) -> Vec<IpAddr> {
         let (Some(transport), Some(addr)) = (fields.get(2), fields.get(4)) else {
             continue;
         };
-        if !transport.eq_ignore_ascii_case("udp") {
+        if !(transport.eq_ignore_ascii_case("udp") || transport.eq_ignore_ascii_case("tcp")) {
             continue;
         }
         match addr.parse::<IpAddr>() {
@@ -1011,8 +1027,19 @@ fn route_local_ip(remote: IpAddr) -> Option<IpAddr> {
     (!ip.is_unspecified()).then_some(ip)
 }
 
-fn add_host_candidate(rtc: &mut Rtc, addr: SocketAddr) {
-    match Candidate::host(addr, "udp") {
+/// A UDP host candidate at `addr`, or with `tcp` an active TCP one at its IP (port 9, as
+/// RFC 6544 §4.5 has active candidates).
+fn add_host_candidate(rtc: &mut Rtc, addr: SocketAddr, tcp: bool) {
+    let candidate = if tcp {
+        Candidate::builder()
+            .tcp()
+            .host(SocketAddr::new(addr.ip(), ACTIVE_TCP_PORT))
+            .tcptype(TcpType::Active)
+            .build()
+    } else {
+        Candidate::host(addr, "udp")
+    };
+    match candidate {
         Ok(c) => {
             debug!("local host candidate {addr}");
             rtc.add_local_candidate(c);
@@ -1082,9 +1109,14 @@ fn choose_pt<'a>(
         .map(|(_, p)| p.pt())
 }
 
+/// The port active TCP candidates carry (they connect from any port).
+const ACTIVE_TCP_PORT: u16 = 9;
+
 struct Driver<'a> {
     rtc: Rtc,
     socket: UdpSocket,
+    /// ICE over TCP instead of the UDP socket (`--ice-tcp`).
+    tcp: Option<TcpLinks>,
     locals: LocalAddrs,
     signalling: Signalling<'a>,
     video: Option<Track>,
@@ -1201,9 +1233,12 @@ impl Driver<'_> {
                     ));
                 }
                 r = self.socket.recv_from(&mut buf) => match r {
-                    Ok((n, source)) => self.receive(&buf[..n], source)?,
+                    Ok((n, source)) => self.receive(&buf[..n], source, Protocol::Udp)?,
                     Err(e) => debug!("UDP receive error: {e}"),
                 },
+                Some((source, data)) = tcp_recv(&mut self.tcp) => {
+                    self.receive(&data, source, Protocol::Tcp)?;
+                }
                 _ = tokio::time::sleep_until(timeout.into()) => {
                     self.rtc
                         .handle_input(Input::Timeout(Instant::now()))
@@ -1299,16 +1334,19 @@ impl Driver<'_> {
                 .map_err(|e| anyhow!("WebRTC error: {e}"))?
             {
                 Output::Timeout(t) => return Ok(t),
+                Output::Transmit(t) if t.proto == Protocol::Tcp => {
+                    let n = t.contents.len();
+                    let Some(tcp) = self.tcp.as_mut() else {
+                        continue;
+                    };
+                    match tcp.send(t.destination, t.contents.to_vec()).await {
+                        Ok(()) => self.count_sent(n),
+                        Err(e) => debug!("ICE-TCP connection to {} failed: {e}", t.destination),
+                    }
+                }
                 Output::Transmit(t) => {
                     match self.socket.send_to(&t.contents, t.destination).await {
-                        Ok(n) => {
-                            self.stats.packets_sent += 1;
-                            self.stats.packet_bytes_sent += n as u64;
-                            if let Some(live) = self.live {
-                                live.packets.fetch_add(1, Ordering::Relaxed);
-                                live.bytes.fetch_add(n as u64, Ordering::Relaxed);
-                            }
-                        }
+                        Ok(n) => self.count_sent(n),
                         Err(e) => debug!("UDP send to {} failed: {e}", t.destination),
                     }
                 }
@@ -1353,7 +1391,16 @@ impl Driver<'_> {
         }
     }
 
-    fn receive(&mut self, data: &[u8], source: SocketAddr) -> anyhow::Result<()> {
+    fn count_sent(&mut self, bytes: usize) {
+        self.stats.packets_sent += 1;
+        self.stats.packet_bytes_sent += bytes as u64;
+        if let Some(live) = self.live {
+            live.packets.fetch_add(1, Ordering::Relaxed);
+            live.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn receive(&mut self, data: &[u8], source: SocketAddr, proto: Protocol) -> anyhow::Result<()> {
         let contents = match data.try_into() {
             Ok(c) => c,
             Err(e) => {
@@ -1361,12 +1408,16 @@ impl Driver<'_> {
                 return Ok(());
             }
         };
+        let mut destination = self.locals.destination_for(source);
+        if proto == Protocol::Tcp {
+            destination.set_port(ACTIVE_TCP_PORT);
+        }
         let input = Input::Receive(
             Instant::now(),
             Receive {
-                proto: Protocol::Udp,
+                proto,
                 source,
-                destination: self.locals.destination_for(source),
+                destination,
                 contents,
             },
         );
@@ -1437,6 +1488,14 @@ impl Driver<'_> {
             keyframe_requests = self.stats.keyframe_requests,
             "{secs:.0} s sent, {kbps:.0} kbit/s"
         );
+    }
+}
+
+/// The next ICE-TCP packet; never without ICE-TCP.
+async fn tcp_recv(tcp: &mut Option<TcpLinks>) -> Option<(SocketAddr, Vec<u8>)> {
+    match tcp {
+        Some(t) => t.recv().await,
+        None => std::future::pending().await,
     }
 }
 

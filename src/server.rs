@@ -25,11 +25,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     })?;
     let rtc = rtc::RtcHandle::start(
         config.webrtc.udp_listen,
+        config.webrtc.tcp_listen,
         candidate_ips.clone(),
         std::time::Duration::from_secs_f64(config.webrtc.idle_timeout),
     )
     .await
-    .with_context(|| format!("binding WebRTC UDP {}", config.webrtc.udp_listen))?;
+    .with_context(|| {
+        format!(
+            "binding WebRTC UDP {} (ICE-TCP {:?})",
+            config.webrtc.udp_listen, config.webrtc.tcp_listen
+        )
+    })?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let streams = streams::Streams::new(config.clone(), shutdown_rx.clone());
     let cluster = cluster::Cluster::new(&config.cluster);

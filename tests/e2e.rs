@@ -285,3 +285,31 @@ async fn ice_restart_moves_media_to_a_new_path_in_the_same_session() {
         "a {gap:.3} s gap in the video across the restart"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ice_tcp_fallback_carries_a_whole_publication() {
+    let tcp = support::server::free_tcp_port();
+    let server =
+        Server::start_with_args("", &["--tcp-listen", &format!("127.0.0.1:{tcp}")]).unwrap();
+    // A client that only has TCP: active candidates, RFC 4571 framing.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_whipgate"))
+        .arg("publish")
+        .arg(sample_mkv())
+        .arg(server.url("/whip/overtcp"))
+        .arg("--ice-tcp")
+        .env("WHIPGATE_LOG", "warn,whipgate::publish=debug")
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), out)
+        .await
+        .expect("publish finished in time")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "whipgate publish: {stderr}");
+    assert!(
+        stderr.contains("tcptype passive"),
+        "no passive TCP candidate in the answer: {stderr}"
+    );
+    check_hls(&server, "overtcp", av(10.0)).await;
+    let log = server.log();
+    assert!(log.contains("ICE-TCP connection"), "{log}");
+}

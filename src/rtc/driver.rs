@@ -12,13 +12,14 @@ use std::time::{Duration, Instant};
 use str0m::change::SdpOffer;
 use str0m::format::{Codec, FormatParams};
 use str0m::media::{KeyframeRequestKind, MediaKind, Mid};
-use str0m::net::{Protocol, Receive};
+use str0m::net::{Protocol, Receive, TcpType};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
 use super::ingest::Ingest;
 use super::offer::Accepted;
+use super::tcp::TcpEvent;
 use super::{Created, RtcError};
 use crate::hub::{Hub, KeyframeRequester, Publication};
 use crate::media::frame::TrackKind;
@@ -104,13 +105,23 @@ impl Session {
     }
 }
 
+/// The ICE-TCP side: the listening port and the connections' frames.
+pub(super) struct TcpSide {
+    pub port: u16,
+    pub events: mpsc::Receiver<TcpEvent>,
+}
+
 pub(super) struct Driver {
     socket: UdpSocket,
     local_ips: Vec<IpAddr>,
     port: u16,
+    tcp: Option<TcpSide>,
+    /// Each open ICE-TCP connection's writer, by the client's address.
+    tcp_writers: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
     sessions: HashMap<String, Session>,
-    /// Remote address → session id, learnt from accepted datagrams.
-    routes: HashMap<SocketAddr, String>,
+    /// Remote transport address → session id, learnt from accepted
+    /// datagrams.
+    routes: HashMap<(Protocol, SocketAddr), String>,
     cert: Option<str0m::config::DtlsCert>,
     idle_timeout: Duration,
     commands: mpsc::Receiver<Command>,
@@ -120,6 +131,7 @@ pub(super) struct Driver {
 impl Driver {
     pub(super) fn new(
         socket: UdpSocket,
+        tcp: Option<TcpSide>,
         local_ips: Vec<IpAddr>,
         idle_timeout: Duration,
         commands: mpsc::Receiver<Command>,
@@ -133,6 +145,8 @@ impl Driver {
             socket,
             local_ips,
             port,
+            tcp,
+            tcp_writers: HashMap::new(),
             sessions: HashMap::new(),
             routes: HashMap::new(),
             cert,
@@ -168,10 +182,13 @@ impl Driver {
                             let c = telemetry::counters();
                             c.packets_in.increment(1);
                             c.bytes_in.increment(n as u64);
-                            touched = self.datagram(&buf[..n], source);
+                            touched = self.datagram(&buf[..n], source, Protocol::Udp);
                         }
                         Err(e) => tracing::debug!(error = %e, "udp receive error"),
                     }
+                }
+                Some(ev) = tcp_event(&mut self.tcp) => {
+                    touched = self.tcp_event(ev);
                 }
                 _ = tokio::time::sleep_until(sleep_until) => {}
             }
@@ -273,24 +290,62 @@ impl Driver {
     }
 
     fn create(&self, offer: &str, accepted: &Accepted) -> Result<(Rtc, String, String), RtcError> {
-        let candidates: Vec<_> = self
-            .local_ips
-            .iter()
-            .map(|ip| SocketAddr::new(*ip, self.port))
-            .collect();
+        let mut candidates = Vec::new();
+        for ip in &self.local_ips {
+            let udp = SocketAddr::new(*ip, self.port);
+            match Candidate::host(udp, "udp") {
+                Ok(c) => candidates.push(c),
+                Err(e) => tracing::debug!(%udp, error = %e, "skipping local candidate"),
+            }
+            if let Some(tcp) = &self.tcp {
+                let addr = SocketAddr::new(*ip, tcp.port);
+                match Candidate::builder()
+                    .tcp()
+                    .host(addr)
+                    .tcptype(TcpType::Passive)
+                    .build()
+                {
+                    Ok(c) => candidates.push(c),
+                    Err(e) => tracing::debug!(%addr, error = %e, "skipping local candidate"),
+                }
+            }
+        }
         negotiate(
             offer,
             accepted,
             self.cert.as_ref(),
-            &candidates,
+            candidates,
             Instant::now(),
         )
+    }
+
+    /// An event of an ICE-TCP connection; a frame goes where a datagram
+    /// would.
+    fn tcp_event(&mut self, ev: TcpEvent) -> Option<String> {
+        match ev {
+            TcpEvent::Opened { peer, writer } => {
+                tracing::debug!(%peer, "ICE-TCP connection");
+                self.tcp_writers.insert(peer, writer);
+                None
+            }
+            TcpEvent::Closed { peer } => {
+                self.tcp_writers.remove(&peer);
+                self.routes.remove(&(Protocol::Tcp, peer));
+                None
+            }
+            TcpEvent::Frame { peer, data } => {
+                let c = telemetry::counters();
+                c.packets_in.increment(1);
+                c.bytes_in.increment(data.len() as u64);
+                self.datagram(&data, peer, Protocol::Tcp)
+            }
+        }
     }
 
     /// The local address a datagram from `source` arrived on, as ICE knows
     /// it. The socket may be bound to a wildcard address, so this picks the
     /// candidate address of the same family, loopback for loopback peers.
-    fn destination(&self, source: SocketAddr) -> SocketAddr {
+    fn destination(&self, source: SocketAddr, proto: Protocol) -> SocketAddr {
         let ip = source.ip();
         let pick = self
             .local_ips
@@ -300,12 +355,16 @@ impl Driver {
             .or_else(|| self.local_ips.first())
             .copied()
             .unwrap_or(ip);
-        SocketAddr::new(pick, self.port)
+        let port = match (proto, &self.tcp) {
+            (Protocol::Tcp, Some(tcp)) => tcp.port,
+            _ => self.port,
+        };
+        SocketAddr::new(pick, port)
     }
 
-    /// Hands a datagram to the session that accepts it; returns that
-    /// session's id.
-    fn datagram(&mut self, data: &[u8], source: SocketAddr) -> Option<String> {
+    /// Hands a datagram (or ICE-TCP frame) to the session that accepts it;
+    /// returns that session's id.
+    fn datagram(&mut self, data: &[u8], source: SocketAddr, proto: Protocol) -> Option<String> {
         let Ok(contents) = data.try_into() else {
             return None; // not STUN, DTLS, RTP or RTCP
         };
@@ -313,13 +372,14 @@ impl Driver {
         let input = Input::Receive(
             now,
             Receive {
-                proto: Protocol::Udp,
+                proto,
                 source,
-                destination: self.destination(source),
+                destination: self.destination(source, proto),
                 contents,
             },
         );
-        let id = match self.routes.get(&source) {
+        let route = (proto, source);
+        let id = match self.routes.get(&route) {
             Some(id) if self.sessions.get(id).is_some_and(|s| s.rtc.accepts(&input)) => {
                 Some(id.clone())
             }
@@ -336,8 +396,8 @@ impl Driver {
             let _g = s.span.enter();
             tracing::debug!(error = %e, "bad input");
         }
-        if self.routes.get(&source) != Some(&id) {
-            self.routes.insert(source, id.clone());
+        if self.routes.get(&route) != Some(&id) {
+            self.routes.insert(route, id.clone());
         }
         Some(id)
     }
@@ -348,7 +408,7 @@ impl Driver {
     async fn drive(&mut self, now: Instant, touched: Option<String>) -> Instant {
         let mut next = now + MAX_SLEEP;
         let mut dead = Vec::new();
-        let mut out: Vec<(Vec<u8>, SocketAddr)> = Vec::new();
+        let mut out: Vec<Outgoing> = Vec::new();
         for (id, s) in self.sessions.iter_mut() {
             let due = s.next_timeout <= now;
             if due || touched.as_deref() == Some(id.as_str()) {
@@ -382,12 +442,32 @@ impl Driver {
             self.sessions.remove(&id);
             self.routes.retain(|_, v| *v != id);
         }
-        for (data, dest) in out {
-            if let Err(e) = self.socket.send_to(&data, dest).await {
+        for (data, dest, proto) in out {
+            if proto == Protocol::Tcp {
+                match self.tcp_writers.get(&dest) {
+                    Some(w) => {
+                        if w.try_send(data).is_err() {
+                            tracing::debug!(%dest, "ICE-TCP connection congested: frame dropped");
+                        }
+                    }
+                    None => tracing::debug!(%dest, "no ICE-TCP connection to send on"),
+                }
+            } else if let Err(e) = self.socket.send_to(&data, dest).await {
                 tracing::debug!(%dest, error = %e, "udp send failed");
             }
         }
         next.max(now)
+    }
+}
+
+/// A packet for the network: data, destination, transport.
+type Outgoing = (Vec<u8>, SocketAddr, Protocol);
+
+/// The next ICE-TCP event; never, without ICE-TCP.
+async fn tcp_event(tcp: &mut Option<TcpSide>) -> Option<TcpEvent> {
+    match tcp {
+        Some(t) => t.events.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -397,7 +477,7 @@ fn negotiate(
     offer: &str,
     accepted: &Accepted,
     cert: Option<&str0m::config::DtlsCert>,
-    candidates: &[SocketAddr],
+    candidates: Vec<Candidate>,
     now: Instant,
 ) -> Result<(Rtc, String, String), RtcError> {
     // We never send media: a `sendrecv` offer (Safari) is answered like a
@@ -434,13 +514,8 @@ fn negotiate(
         }
     }
     let mut rtc = config.build(now);
-    for addr in candidates {
-        match Candidate::host(*addr, "udp") {
-            Ok(c) => {
-                rtc.add_local_candidate(c);
-            }
-            Err(e) => tracing::debug!(%addr, error = %e, "skipping local candidate"),
-        }
+    for c in candidates {
+        rtc.add_local_candidate(c);
     }
     let answer = rtc
         .sdp_api()
@@ -487,7 +562,7 @@ fn poll_session(
     s: &mut Session,
     now: Instant,
     timer_due: bool,
-    out: &mut Vec<(Vec<u8>, SocketAddr)>,
+    out: &mut Vec<Outgoing>,
 ) -> Result<Option<Instant>, String> {
     if timer_due {
         if let Err(e) = s.rtc.handle_input(Input::Timeout(now)) {
@@ -505,7 +580,7 @@ fn poll_session(
         };
         match output {
             Output::Timeout(t) => return Ok(Some(t)),
-            Output::Transmit(t) => out.push((t.contents.to_vec(), t.destination)),
+            Output::Transmit(t) => out.push((t.contents.to_vec(), t.destination, t.proto)),
             Output::Event(e) => on_event(s, e)?,
         }
     }
@@ -658,7 +733,8 @@ mod tests {
         let accepted = offer::check(offer::parse(offer_text).map_err(|e| e.to_string())?)
             .map_err(|e| e.to_string())?;
         let server: SocketAddr = "127.0.0.1:8189".parse().unwrap();
-        negotiate(offer_text, &accepted, None, &[server], Instant::now())
+        let candidates = vec![Candidate::host(server, "udp").unwrap()];
+        negotiate(offer_text, &accepted, None, candidates, Instant::now())
             .map(|(_, _, a)| a)
             .map_err(|e| e.to_string())
     }

@@ -5,6 +5,7 @@
 mod driver;
 mod ingest;
 pub mod offer;
+pub mod tcp;
 pub mod trickle;
 
 use std::net::{IpAddr, SocketAddr};
@@ -15,7 +16,7 @@ use rand::RngCore;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::hub::{Hub, Publication};
-use driver::{Command, Driver};
+use driver::{Command, Driver, TcpSide};
 pub use offer::Accepted;
 
 #[derive(Debug, thiserror::Error)]
@@ -45,17 +46,29 @@ pub struct RtcHandle {
 }
 
 impl RtcHandle {
-    /// Binds the UDP socket and starts the driver task.
+    /// Binds the UDP socket (and the ICE-TCP port, when asked) and starts
+    /// the driver task.
     pub async fn start(
         listen: SocketAddr,
+        tcp_listen: Option<SocketAddr>,
         candidate_ips: Vec<IpAddr>,
         idle_timeout: Duration,
     ) -> std::io::Result<Self> {
         str0m::crypto::from_feature_flags().install_process_default();
         let socket = bind_udp(listen)?;
         let local_addr = socket.local_addr()?;
+        let tcp = match tcp_listen {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr).await?;
+                let port = listener.local_addr()?.port();
+                let (events_tx, events) = mpsc::channel(4096);
+                tcp::spawn_listener(listener, events_tx);
+                Some(TcpSide { port, events })
+            }
+            None => None,
+        };
         let (tx, rx) = mpsc::channel(1024);
-        let driver = Driver::new(socket, candidate_ips, idle_timeout, rx, tx.downgrade())?;
+        let driver = Driver::new(socket, tcp, candidate_ips, idle_timeout, rx, tx.downgrade())?;
         tokio::spawn(driver.run());
         Ok(Self { tx, local_addr })
     }
