@@ -15,7 +15,10 @@ RUN apt-get update && apt-get install -y --no-install-recommends \
       ca-certificates libssl3 libavcodec59 libavformat59 libavutil57 libswresample4 \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/whipgate /usr/local/bin/whipgate
+# The shipped presets are built in; these copies are a starting point for
+# your own (mount a directory of NAME.toml files here to add or replace).
 COPY presets /etc/whipgate/presets
+ENV WHIPGATE_PRESETS_DIR=/etc/whipgate/presets
 WORKDIR /var/lib/whipgate
 # HTTP (WHIP, HLS) and the one WebRTC UDP port.
 EXPOSE 8080/tcp 8189/udp

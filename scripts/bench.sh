@@ -12,6 +12,7 @@
 #          BENCH_RAMP       new sessions per second (default 20)
 #          BENCH_HTTP_PORT, BENCH_UDP_PORT   server ports (default 18680, 18689)
 #          BENCH_KEEP=1     keep the temporary directory (logs, HLS) for a look
+#          BENCH_PRESET     the streams' preset (default passthrough; copy-all: no transcoding)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +21,7 @@ duration="${BENCH_DURATION:-20}"
 ramp="${BENCH_RAMP:-20}"
 http_port="${BENCH_HTTP_PORT:-18680}"
 udp_port="${BENCH_UDP_PORT:-18689}"
+preset="${BENCH_PRESET:-passthrough}"
 base="http://127.0.0.1:$http_port"
 
 cargo build --release -q
@@ -59,8 +61,12 @@ last_segment() {
 echo "whipgate benchmark: samples/sample.mkv (640x360 30 fps H264 + Opus stereo, looped),"
 echo "  ${duration} s per session, ramp ${ramp} sessions/s, server and load generator on this"
 echo "  machine ($(nproc) cores); one fresh server per N."
-echo "preset: default (passthrough: H264 copied, Opus -> AAC, MPEG-TS HLS). The copy-all preset"
-echo "  does not exist yet and is not measured."
+case "$preset" in
+  passthrough) echo "preset: passthrough (the default: H264 copied, Opus -> AAC, MPEG-TS HLS)." ;;
+  copy-all) echo "preset: copy-all (no transcoding: H264 copied, Opus dropped from the MPEG-TS HLS)." ;;
+  *) echo "preset: $preset" ;;
+esac
+printf '[stream_defaults]\npreset = "%s"\n' "$preset" >"$dir/whipgate.toml"
 echo "CPU: server utime+stime over the steady part (all sessions up), % of one core;"
 echo "RSS: at the end of the steady part; per stream = (RSS - idle RSS) / N."
 echo
@@ -72,7 +78,7 @@ for n in $list; do
   run="$dir/n$n"
   mkdir -p "$run"
   rm -rf "$dir/data"
-  WHIPGATE_LOG=info "$bin" serve --http-listen "127.0.0.1:$http_port" \
+  WHIPGATE_LOG=info "$bin" serve --config "$dir/whipgate.toml" --http-listen "127.0.0.1:$http_port" \
     --udp-listen "127.0.0.1:$udp_port" --data-dir "$dir/data" 2>"$run/server.log" &
   server=$!
   for _ in $(seq 100); do

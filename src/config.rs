@@ -13,6 +13,9 @@ use serde::Deserialize;
 /// The configuration the server runs on when no file is given.
 pub const DEFAULT_TOML: &str = include_str!("default.toml");
 
+/// `server.presets_dir` unless configured; may be missing.
+const DEFAULT_PRESETS_DIR: &str = "./presets";
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -24,6 +27,9 @@ pub enum ConfigError {
     Parse { origin: String, message: String },
     #[error("invalid value for `{key}`: {message}")]
     Invalid { key: String, message: String },
+    /// A preset file (`server.presets_dir`) that does not load.
+    #[error(transparent)]
+    Preset(#[from] crate::preset::PresetError),
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -57,6 +63,10 @@ pub struct Config {
     pub stream_defaults: StreamConfig,
     #[serde(default)]
     pub streams: BTreeMap<String, StreamConfig>,
+    /// The shipped presets and those of `server.presets_dir`, loaded by
+    /// [`Config::load`] (the shipped ones only for a parsed config).
+    #[serde(skip)]
+    pub presets: crate::preset::Presets,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -85,6 +95,10 @@ pub struct ServerConfig {
     pub tls_self_signed: bool,
     /// Per-client-IP rate of WHIP `POST`, `PATCH` and `DELETE`.
     pub rate_limit: RateLimitConfig,
+    /// HTTP(S) connections served at once (each listener); more wait.
+    pub max_connections: usize,
+    /// Preset files (`NAME.toml`) that add to or replace the shipped ones.
+    pub presets_dir: PathBuf,
 }
 
 /// A token bucket per client IP address over WHIP `POST`, `PATCH` and
@@ -159,6 +173,8 @@ impl Default for ServerConfig {
             tls_key: None,
             tls_self_signed: false,
             rate_limit: RateLimitConfig::default(),
+            max_connections: 4096,
+            presets_dir: PathBuf::from(DEFAULT_PRESETS_DIR),
         }
     }
 }
@@ -374,6 +390,9 @@ pub struct Overrides {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub tls_self_signed: bool,
+    /// Directory of preset files adding to or replacing the shipped ones.
+    #[arg(long, env = "WHIPGATE_PRESETS_DIR")]
+    pub presets_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -391,6 +410,7 @@ impl Config {
             None => Self::parse(DEFAULT_TOML, "embedded default config")?,
         };
         config.apply(overrides);
+        config.presets = crate::preset::Presets::load(&config.server.presets_dir)?;
         config.validate()?;
         Ok(config)
     }
@@ -429,6 +449,9 @@ impl Config {
         }
         if o.tls_self_signed {
             self.server.tls_self_signed = true;
+        }
+        if let Some(d) = &o.presets_dir {
+            self.server.presets_dir = d.clone();
         }
     }
 
@@ -471,6 +494,16 @@ impl Config {
         }
         if r.burst == 0 {
             return Err(invalid("server.rate_limit.burst", "must be at least 1"));
+        }
+        if self.server.max_connections < 16 {
+            return Err(invalid("server.max_connections", "must be at least 16"));
+        }
+        let presets_dir = &self.server.presets_dir;
+        if *presets_dir != Path::new(DEFAULT_PRESETS_DIR) && !presets_dir.is_dir() {
+            return Err(invalid(
+                "server.presets_dir",
+                format!("{} is not a directory", presets_dir.display()),
+            ));
         }
         if self.server.max_sessions == 0 {
             return Err(invalid("server.max_sessions", "must be at least 1"));
@@ -524,10 +557,15 @@ impl Config {
                     return Err(invalid(format!("{key}.push[{i}]"), e.to_string()));
                 }
             }
-            if s.preset != "passthrough" {
+            if self.presets.get(&s.preset).is_none() {
+                let available: Vec<_> = self.presets.names().collect();
                 return Err(invalid(
                     format!("{key}.preset"),
-                    format!("unknown preset `{}` (available: passthrough)", s.preset),
+                    format!(
+                        "unknown preset `{}` (available: {})",
+                        s.preset,
+                        available.join(", ")
+                    ),
                 ));
             }
         }
@@ -634,6 +672,19 @@ impl Config {
     /// The settings for a stream name.
     pub fn stream(&self, name: &str) -> &StreamConfig {
         self.streams.get(name).unwrap_or(&self.stream_defaults)
+    }
+
+    /// The preset of a stream name (validated to exist; the shipped
+    /// default otherwise).
+    pub fn preset(&self, stream: &str) -> std::sync::Arc<crate::preset::Preset> {
+        let name = &self.stream(stream).preset;
+        match self.presets.get(name) {
+            Some(p) => p.clone(),
+            None => crate::preset::Presets::shipped()
+                .get(crate::preset::DEFAULT_PRESET)
+                .cloned()
+                .expect("the default preset is shipped"),
+        }
     }
 
     /// IP addresses to put in ICE candidates, resolving host names.

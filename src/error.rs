@@ -37,6 +37,11 @@ pub enum AppError {
     PreconditionRequired,
     #[error("If-Match does not match the session's current ETag")]
     PreconditionFailed,
+    #[error("request body too large: at most {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    /// An extractor's own refusal (JSON body, path), with its status.
+    #[error("{detail}")]
+    Rejected { status: StatusCode, detail: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -56,6 +61,8 @@ impl AppError {
             AppError::Overloaded | AppError::AuthUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::PreconditionRequired => StatusCode::PRECONDITION_REQUIRED,
             AppError::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
+            AppError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::Rejected { status, .. } => *status,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -56,12 +56,14 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(server::serve(config))
         }
         Command::CheckConfig { config, overrides } => {
+            // Loads (and so validates) every preset file too.
             let c = Config::load(config.as_deref(), &overrides)?;
             eprintln!(
-                "config OK: HTTP {}, WebRTC UDP {}, {} stream(s) configured",
+                "config OK: HTTP {}, WebRTC UDP {}, {} stream(s) configured, presets: {}",
                 c.server.http_listen,
                 c.webrtc.udp_listen,
-                c.streams.len()
+                c.streams.len(),
+                c.presets.names().collect::<Vec<_>>().join(", ")
             );
             Ok(())
         }

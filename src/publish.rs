@@ -2202,9 +2202,11 @@ mod tests {
                    a=candidate:2 1 tcp 1 192.0.2.8 9 typ host tcptype passive\r\n\
                    a=candidate:3 1 udp 1 abc.local 5000 typ host\r\n\
                    a=candidate:4 1 udp 1 192.0.2.7 5002 typ host\r\n";
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // UDP and TCP addresses, once each; mDNS names skipped.
         assert_eq!(
             remote_candidate_ips(sdp),
-            vec!["192.0.2.7".parse::<IpAddr>().unwrap()]
+            vec![ip("192.0.2.7"), ip("192.0.2.8")]
         );
     }
 

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use axum::serve::{Listener, ListenerExt};
+use axum::serve::Listener;
 use tokio::sync::watch;
 
 use crate::config::Config;
@@ -76,27 +76,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let http = axum::serve(
+    let max_connections = config.server.max_connections;
+    let http = http::serve::serve(
         listener,
-        app.clone()
-            .into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(stopped(stop_rx.clone()));
+        app.clone(),
+        max_connections,
+        stopped(stop_rx.clone()),
+    );
     let https = async {
-        match https_listener {
-            // `tap_io` gives the TLS listener axum's `ConnectInfo<SocketAddr>`.
-            Some(l) => {
-                axum::serve(
-                    l.tap_io(|_| {}),
-                    app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-                )
-                .with_graceful_shutdown(stopped(stop_rx))
-                .await
-            }
-            None => Ok(()),
+        if let Some(l) = https_listener {
+            http::serve::serve(l, app, max_connections, stopped(stop_rx)).await;
         }
     };
-    tokio::try_join!(http.into_future(), https)?;
+    tokio::join!(http, https);
     tracing::info!("shutting down: closing sessions and finishing playlists");
     rtc.shutdown().await;
     let _ = shutdown_tx.send(true);

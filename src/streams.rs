@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::error::AppError;
 use crate::hub::Hub;
+use crate::preset::{AudioMode, Preset, VideoMode};
 use crate::rtmp::push::{self, PushHandle, PushOptions};
 use crate::rtmp::target::Target;
 use crate::{hls, transcode};
@@ -38,6 +39,8 @@ impl SessionInfo {
 pub struct Stream {
     pub name: String,
     pub hub: Arc<Hub>,
+    /// What the outputs are made of (`streams.NAME.preset`).
+    pub preset: Arc<Preset>,
     /// The current publishing session, if any.
     pub session: Mutex<Option<Arc<SessionInfo>>>,
     /// RTMP push targets, from the config and the API.
@@ -85,22 +88,35 @@ impl Streams {
             return s.clone();
         }
         let hub = Hub::new(name);
-        let outputs = vec![
-            tokio::spawn(transcode::rendition::run_aac(
+        let preset = self.config.preset(name);
+        if preset.video.mode == VideoMode::Transcode {
+            tracing::warn!(
+                stream = name,
+                preset = %preset.name,
+                "the preset's video renditions are not encoded yet: the video is copied as published"
+            );
+        }
+        let mut outputs = Vec::new();
+        // Only an AAC preset transcodes the Opus; with `copy` and `drop`
+        // the outputs that need AAC (MPEG-TS HLS, RTMP) go without audio.
+        if let Some(settings) = preset.audio.aac_settings() {
+            outputs.push(tokio::spawn(transcode::rendition::run_aac(
                 hub.clone(),
-                transcode::audio::AacSettings::default(),
+                settings,
                 self.shutdown.clone(),
-            )),
-            tokio::spawn(hls::output::run(
-                hub.clone(),
-                self.config.hls.clone(),
-                self.config.server.data_dir.join("hls").join(name),
-                self.shutdown.clone(),
-            )),
-        ];
+            )));
+        }
+        outputs.push(tokio::spawn(hls::output::run(
+            hub.clone(),
+            self.config.hls.clone(),
+            self.config.server.data_dir.join("hls").join(name),
+            output_tracks(&preset),
+            self.shutdown.clone(),
+        )));
         let stream = Arc::new(Stream {
             name: name.to_owned(),
             hub,
+            preset,
             session: Mutex::new(None),
             pushes: Mutex::new(Vec::new()),
             negotiating: tokio::sync::Mutex::new(()),
@@ -133,8 +149,11 @@ impl Streams {
     pub fn add_push(&self, stream: &Stream, url: &str) -> Result<u64, AppError> {
         let target = Target::parse(url).map_err(|e| AppError::BadRequest(e.to_string()))?;
         let id = self.next_push.fetch_add(1, Ordering::Relaxed);
+        let tracks = output_tracks(&stream.preset);
         let options = PushOptions {
             ca_file: self.config.rtmp.ca_file.clone(),
+            video: tracks.video,
+            audio: tracks.audio,
             ..Default::default()
         };
         let handle = push::spawn(stream.hub.clone(), target, options, self.shutdown.clone());
@@ -199,6 +218,16 @@ impl Streams {
                 }
             }
         }
+    }
+}
+
+/// The tracks MPEG-TS HLS and RTMP pushes get under a preset: the video unless
+/// dropped (encoded renditions are not made yet: the published video), the
+/// audio only as AAC.
+fn output_tracks(preset: &Preset) -> hls::output::Tracks {
+    hls::output::Tracks {
+        video: preset.video.mode != VideoMode::Drop,
+        audio: preset.audio.mode == AudioMode::Aac,
     }
 }
 

@@ -17,6 +17,8 @@ const SESSIONS_CREATED: &str = "whipgate_sessions_created_total";
 const BYTES_IN: &str = "whipgate_bytes_in_total";
 const PACKETS_IN: &str = "whipgate_packets_in_total";
 const KEYFRAME_REQUESTS: &str = "whipgate_keyframe_requests_total";
+const PACKETS_DROPPED: &str = "whipgate_packets_dropped_total";
+const MEDIA_DROPPED: &str = "whipgate_media_dropped_total";
 const ICE_RESTARTS: &str = "whipgate_ice_restarts_total";
 const RATE_LIMITED: &str = "whipgate_http_rate_limited_total";
 const REDIRECTS: &str = "whipgate_whip_redirects_total";
@@ -58,6 +60,14 @@ fn describe() {
     describe_counter!(
         KEYFRAME_REQUESTS,
         "Keyframe requests (PLI or FIR) sent to publishers"
+    );
+    describe_counter!(
+        PACKETS_DROPPED,
+        "Datagrams and ICE-TCP frames dropped before any session, by reason"
+    );
+    describe_counter!(
+        MEDIA_DROPPED,
+        "Media frames of publishers dropped at ingest, by reason"
     );
     describe_counter!(ICE_RESTARTS, "ICE restarts asked by publishers");
     describe_counter!(
@@ -117,6 +127,46 @@ pub fn counters() -> &'static Counters {
         }
     });
     &COUNTERS
+}
+
+/// Why a packet was dropped before reaching a session.
+#[derive(Debug, Clone, Copy)]
+pub enum PacketDrop {
+    /// Neither STUN, DTLS, RTP nor RTCP.
+    Unparsable,
+    /// No session accepts it (unknown ICE credentials or sender).
+    NoSession,
+    /// The session refused it (bad SRTP, bad DTLS, impossible RTP).
+    Rejected,
+}
+
+pub fn packet_dropped(why: PacketDrop) {
+    static C: LazyLock<[Counter; 3]> = LazyLock::new(|| {
+        handle();
+        ["unparsable", "no_session", "rejected"]
+            .map(|reason| counter!(PACKETS_DROPPED, "reason" => reason))
+    });
+    C[why as usize].increment(1);
+}
+
+/// Why ingest dropped publisher media.
+#[derive(Debug, Clone, Copy)]
+pub enum MediaDrop {
+    /// Video before the first keyframe or after a loss, until the next one.
+    WaitingKeyframe,
+    /// An SPS or PPS that does not parse (ignored).
+    BadParameterSet,
+    /// RTP timestamps that cannot be placed on the stream timeline.
+    Timestamp,
+}
+
+pub fn media_dropped(why: MediaDrop, n: u64) {
+    static C: LazyLock<[Counter; 3]> = LazyLock::new(|| {
+        handle();
+        ["waiting_keyframe", "bad_parameter_set", "timestamp"]
+            .map(|reason| counter!(MEDIA_DROPPED, "reason" => reason))
+    });
+    C[why as usize].increment(n);
 }
 
 pub fn codec_name(codec: Codec) -> &'static str {

@@ -31,13 +31,15 @@ async fn post(client: &reqwest::Client, url: &str, offer: &str) -> reqwest::Resp
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offers_go_to_the_least_loaded_peer_and_its_session_url_works() {
-    let b = Server::start("[server]\nmax_sessions = 4\n").expect("node b");
+    // b is the bigger node: 1/100 is always less loaded than a's 1/4, even
+    // while a's view of b lags a poll behind.
+    let b = Server::start("[server]\nmax_sessions = 100\n").expect("node b");
     let a = Server::start(&format!(
         "[server]\nmax_sessions = 4\n[cluster]\npeers = [\"{}\"]\npoll_interval = 0.2\n",
         b.url("")
     ))
     .expect("node a");
-    // A publisher on a for the whole test: a is at 1/4, b at 0/4.
+    // A publisher on a for the whole test: a is at 1/4, b at 0/100.
     let _busy = tokio::process::Command::new(env!("CARGO_BIN_EXE_whipgate"))
         .arg("publish")
         .arg(sample_mkv())
@@ -73,8 +75,8 @@ async fn offers_go_to_the_least_loaded_peer_and_its_session_url_works() {
     let location = redirected.expect("a redirected the offer");
     assert_eq!(location, b.url("/whip/far?redirected=1"));
 
-    // b takes a redirected offer even were it busier; its session URL works
-    // directly on b.
+    // b takes a redirected offer (never redirects it again); its session URL
+    // works directly on b.
     let resp = post(&http, &location, &offer).await;
     assert_eq!(resp.status(), StatusCode::CREATED);
     let session = header_str(resp.headers(), header::LOCATION).to_owned();

@@ -230,6 +230,126 @@ fn bad_config_is_refused_at_start_naming_the_key() {
     }
 }
 
+#[test]
+fn broken_preset_is_refused_at_start_naming_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let presets = dir.path().join("presets");
+    std::fs::create_dir(&presets).unwrap();
+    std::fs::write(presets.join("fine.toml"), "[audio]\nchannels = 1\n").unwrap();
+    let broken = presets.join("abr-720p.toml");
+    for (text, expected) in [
+        (
+            "[video]\nmode = \"transcode\"\n[[video.renditions]]\nname = \"480p\"\nheight = 481\nbitrate = 1400000\n",
+            format!(
+                "{}: invalid value for `video.renditions[0].height`: must be even",
+                broken.display()
+            ),
+        ),
+        (
+            "[video]\nmode = \"copy\"\n[audio]\nbitrat = 96000\n",
+            format!(
+                "{}, line 4, column 1: `audio.bitrat`: unknown key",
+                broken.display()
+            ),
+        ),
+        (
+            "[video\nmode = \"copy\"\n",
+            format!("{}, line 1, ", broken.display()),
+        ),
+    ] {
+        std::fs::write(&broken, text).unwrap();
+        let config = dir.path().join("whipgate.toml");
+        std::fs::write(
+            &config,
+            format!("[server]\npresets_dir = \"{}\"\n", presets.display()),
+        )
+        .unwrap();
+        for command in ["serve", "check-config"] {
+            let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_whipgate"));
+            c.arg(command);
+            if command == "serve" {
+                c.arg("--config");
+            }
+            let out = c
+                .arg(&config)
+                .args([
+                    "--http-listen",
+                    "127.0.0.1:0",
+                    "--udp-listen",
+                    "127.0.0.1:0",
+                ])
+                .output()
+                .unwrap();
+            assert!(!out.status.success(), "{command} accepted {text}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains(&expected), "{command}, {text}: {err}");
+        }
+    }
+    // Fixed, the user's presets add to the shipped ones.
+    std::fs::write(&broken, "[video]\nmode = \"copy\"\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_whipgate"))
+        .arg("check-config")
+        .args(["--presets-dir".as_ref(), presets.as_os_str()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("abr-720p, audio-only, copy-all, fine, passthrough"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preset_audio_modes_shape_the_hls() {
+    let server = Server::start(
+        "[streams.opus]\npreset = \"copy-all\"\n[streams.radio]\npreset = \"audio-only\"\n",
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    // Both publish H264 + Opus.
+    let (copy_all, audio_only) = tokio::join!(
+        publish(opts(&server, "opus", tmp.path(), 5).unwrap()),
+        publish(opts(&server, "radio", tmp.path(), 5).unwrap()),
+    );
+    copy_all.unwrap();
+    audio_only.unwrap();
+    // copy-all: no AAC transcoder, and MPEG-TS HLS takes no Opus: video
+    // only, without waiting for audio.
+    check_hls(
+        &server,
+        "opus",
+        Expect {
+            sent_secs: 5.0,
+            codecs: &["h264"],
+            size: Some((640, 360)),
+            lip_sync: None,
+        },
+    )
+    .await;
+    // audio-only: the video is dropped, the Opus becomes AAC.
+    check_hls(
+        &server,
+        "radio",
+        Expect {
+            sent_secs: 5.0,
+            codecs: &["aac"],
+            size: None,
+            lip_sync: None,
+        },
+    )
+    .await;
+    let api = |stream: &str| {
+        let url = server.url(&format!("/api/v1/streams/{stream}"));
+        async move {
+            let r = reqwest::get(url).await.unwrap();
+            r.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    assert_eq!(api("opus").await["preset"], "copy-all");
+    assert_eq!(api("radio").await["preset"], "audio-only");
+}
+
 /// The largest gap between consecutive video frames of the HLS, in s.
 fn largest_video_gap(url: &str) -> f64 {
     let out = std::process::Command::new("ffprobe")

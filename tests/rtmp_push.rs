@@ -16,13 +16,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use tokio::sync::watch;
 use whipgate::hub::{Hub, Publication};
-use whipgate::media::frame::Frame;
+use whipgate::media::frame::{Codec, CodecParams, Frame};
 use whipgate::rtmp::push::{self, PushHandle, PushOptions, PushState, PushStats};
 use whipgate::rtmp::target::Target;
 
 use support::nginx::{Nginx, check_recording};
 use support::sample_frames::load_sample_frames;
-use support::server::{ffmpeg_decode_errors, wait_for};
+use support::server::{ffmpeg_decode_errors, ffprobe_streams, wait_for};
 
 /// The sample's frames on the stream timeline, in time order.
 struct Media {
@@ -147,6 +147,76 @@ async fn push_records_a_clean_h264_aac_stream() -> anyhow::Result<()> {
         .await
         .with_context(|| nginx.log())?;
     handle.stopped().await;
+    Ok(())
+}
+
+/// A preset whose audio is not AAC (`copy`, `drop`): the publisher's Opus
+/// is left out, the target gets the video at once (no wait for AAC that
+/// will not come) and the recording is video only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_without_audio_sends_video_only_at_once() -> anyhow::Result<()> {
+    let nginx = Nginx::start(false)?;
+    let stream = Stream::new("d");
+    let options = PushOptions {
+        audio: false,
+        ..Default::default()
+    };
+    let handle = push::spawn(
+        stream.hub.clone(),
+        Target::parse(&nginx.rtmp_url("keyD"))?,
+        options,
+        stream.shutdown.subscribe(),
+    );
+    stream.start();
+    // The audio is Opus, as a WebRTC publisher sends it.
+    let opus = Arc::new(CodecParams::Opus {
+        sample_rate: 48_000,
+        channels: 2,
+    });
+    let media = media()?;
+    let began = tokio::time::Instant::now();
+    let mut publishing_after = None;
+    for f in media
+        .frames
+        .iter()
+        .filter(|f| (0..5 * 90_000).contains(&f.dts))
+    {
+        let due = Duration::from_secs_f64(f.dts as f64 / 90_000.0);
+        tokio::time::sleep_until(began + due).await;
+        let mut f = f.clone();
+        if f.codec() == Codec::Aac {
+            f.params = opus.clone();
+        }
+        stream.hub.publish(PUBLICATION, f);
+        if publishing_after.is_none() && handle.stats().state == PushState::Publishing {
+            publishing_after = Some(began.elapsed());
+        }
+    }
+    stream.stop();
+    let stats = ended(&handle).await?;
+    assert!(stats.last_error.is_none(), "{stats:?}");
+    let publishing_after = publishing_after.context("never published")?;
+    assert!(
+        publishing_after < Duration::from_millis(2500),
+        "published after {publishing_after:?}"
+    );
+    let path = nginx.recording("keyD");
+    let mut last = 0;
+    wait_for("the recording to settle", Duration::from_secs(5), || {
+        let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let settled = len > 0 && len == last;
+        last = len;
+        settled.then_some(())
+    })
+    .await?;
+    let input = path.to_str().context("path")?;
+    let codecs: Vec<_> = ffprobe_streams(input)?
+        .into_iter()
+        .map(|s| s.codec)
+        .collect();
+    assert_eq!(codecs, ["h264"], "{}", nginx.log());
+    let errors = ffmpeg_decode_errors(input)?;
+    assert!(errors.is_empty(), "{errors}");
     Ok(())
 }
 

@@ -22,10 +22,31 @@ use crate::telemetry;
 /// Frames queued for the HLS writer before it drops (about 10 s of media).
 const QUEUE: usize = 1024;
 
+/// The tracks of a publication that go into the HLS (the stream's preset
+/// decides): a track left out is neither declared nor waited for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tracks {
+    /// The H264 video.
+    pub video: bool,
+    /// The audio, as AAC (there is no AAC when the preset does not
+    /// transcode the Opus to it, and MPEG-TS HLS does not carry Opus).
+    pub audio: bool,
+}
+
+impl Default for Tracks {
+    fn default() -> Self {
+        Tracks {
+            video: true,
+            audio: true,
+        }
+    }
+}
+
 struct Output {
     hub: Arc<Hub>,
     dir: PathBuf,
     config: HlsConfig,
+    tracks: Tracks,
     playlist: Playlist,
     /// The publication being segmented, and its segmenter.
     current: Option<(Publication, Segmenter)>,
@@ -50,10 +71,16 @@ pub async fn run(
     hub: Arc<Hub>,
     config: HlsConfig,
     dir: PathBuf,
+    tracks: Tracks,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let span = tracing::info_span!("hls", stream = %hub.name());
-    let mut sub = hub.subscribe("hls", &[Codec::H264, Codec::Aac], QUEUE);
+    let codecs: &'static [Codec] = match (tracks.video, tracks.audio) {
+        (true, false) => &[Codec::H264],
+        (false, true) => &[Codec::Aac],
+        _ => &[Codec::H264, Codec::Aac],
+    };
+    let mut sub = hub.subscribe("hls", codecs, QUEUE);
     if let Err(e) = reset_dir(&dir).await {
         tracing::error!(parent: &span, dir = %dir.display(), error = %e, "cannot prepare the HLS directory; HLS is off for this stream");
         return;
@@ -66,6 +93,7 @@ pub async fn run(
             window: config.playlist_size,
         }),
         config,
+        tracks,
         current: None,
         first_frame_at: Instant::now(),
         ended: None,
@@ -119,8 +147,8 @@ impl Output {
                     target_duration: self.config.target(),
                     ..Default::default()
                 },
-                publication.video,
-                publication.audio,
+                publication.video && self.tracks.video,
+                publication.audio && self.tracks.audio,
             );
             self.sequence_base = self.playlist.next_sequence();
             if self.sequence_base > 0 {

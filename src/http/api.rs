@@ -69,6 +69,19 @@ pub async fn list_pushes(
     Ok(Json(json!({ "push": pushes_json(&stream) })))
 }
 
+/// Invalid JSON and unknown fields are the client's syntax errors: 400. A
+/// missing JSON type (415) or a body over the limit (413) keep their status.
+fn json_rejection(e: axum::extract::rejection::JsonRejection) -> AppError {
+    use axum::extract::rejection::JsonRejection as R;
+    match e {
+        R::JsonDataError(_) | R::JsonSyntaxError(_) => AppError::BadRequest(e.body_text()),
+        e => AppError::Rejected {
+            status: e.status(),
+            detail: e.body_text(),
+        },
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewPush {
@@ -80,7 +93,7 @@ pub async fn add_push(
     Path(name): Path<String>,
     body: Result<Json<NewPush>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, AppError> {
-    let Json(new) = body.map_err(|e| AppError::BadRequest(e.body_text()))?;
+    let Json(new) = body.map_err(json_rejection)?;
     if !valid_stream_name(&name) {
         return Err(AppError::NotFound);
     }
@@ -115,6 +128,7 @@ fn stream_json(stream: &Stream) -> Value {
             "id": s.id,
             "uptime_secs": s.created.elapsed().as_secs(),
         })),
+        "preset": stream.preset.name,
         "hls": format!("/hls/{}/index.m3u8", stream.name),
         "dropped_frames": stream.hub.dropped_frames(),
         "push": pushes_json(stream),

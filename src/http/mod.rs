@@ -4,6 +4,7 @@ mod api;
 mod health;
 mod hls;
 mod rate_limit;
+pub mod serve;
 mod whip;
 
 use std::sync::Arc;
@@ -72,6 +73,10 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
         .layer(Extension(auth))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            body_limit,
+            declared_length,
+        ))
         .layer(axum::middleware::map_response(finish))
         .layer(TimeoutLayer::with_status_code(
             axum::http::StatusCode::REQUEST_TIMEOUT,
@@ -94,6 +99,24 @@ fn api_routes(state: AppState) -> Router<AppState> {
             axum::routing::delete(api::remove_push),
         )
         .layer(axum::middleware::from_fn_with_state(state, api::guard))
+}
+
+/// A body declared larger than the limit gets 413 before it is read (and
+/// before a client waiting on `Expect: 100-continue` sends it).
+async fn declared_length(
+    axum::extract::State(limit): axum::extract::State<usize>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return axum::response::IntoResponse::into_response(AppError::PayloadTooLarge { limit });
+    }
+    next.run(req).await
 }
 
 /// Every response leaves here: errors that axum made itself (body too

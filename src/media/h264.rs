@@ -54,6 +54,8 @@ pub enum H264Error {
     ExpGolombOverflow,
     /// A syntax element outside the range the standard allows.
     OutOfRange(&'static str),
+    /// A slice before any SPS and PPS.
+    NoParameterSets,
 }
 
 impl fmt::Display for H264Error {
@@ -65,6 +67,7 @@ impl fmt::Display for H264Error {
             }
             H264Error::ExpGolombOverflow => write!(f, "h264: Exp-Golomb code too long"),
             H264Error::OutOfRange(what) => write!(f, "h264: {what} out of range"),
+            H264Error::NoParameterSets => write!(f, "h264: a slice before SPS and PPS"),
         }
     }
 }
@@ -150,6 +153,69 @@ pub fn access_units(stream: &[u8]) -> Vec<Vec<&[u8]>> {
         }
     }
     aus
+}
+
+/// NAL units joined with 4-byte start codes.
+pub fn to_annexb(nals: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(nals.iter().map(|n| n.len() + 4).sum());
+    for n in nals {
+        out.extend_from_slice(&[0, 0, 0, 1]);
+        out.extend_from_slice(n);
+    }
+    out
+}
+
+/// Presentation times of access units (from [`access_units`]) as a sender
+/// stamps them, `frame_ticks` per frame: from the picture order count
+/// (POC / 2 frames after the last IDR, as x264 and most encoders count), or
+/// in decode order for POC type 2. For files and tests: WebRTC brings its
+/// own times.
+pub fn presentation_times(aus: &[Vec<&[u8]>], frame_ticks: i64) -> Result<Vec<i64>, H264Error> {
+    let (mut sps, mut pps) = (None, None);
+    let mut poc = PocCounter::new();
+    let (mut idr_frame, mut max_frame) = (0i64, -1i64);
+    let mut out = Vec::with_capacity(aus.len());
+    for au in aus {
+        for nal in au {
+            match nal_type(nal) {
+                NAL_SPS => sps = Some(Sps::parse(nal)?),
+                NAL_PPS => pps = Some(Pps::parse(nal)?),
+                _ => {}
+            }
+        }
+        let slice = au
+            .iter()
+            .find(|n| is_vcl(nal_type(n)))
+            .ok_or(H264Error::Truncated)?;
+        let (Some(s), Some(p)) = (&sps, &pps) else {
+            return Err(H264Error::NoParameterSets);
+        };
+        let header = SliceHeader::parse(slice, s, p)?;
+        if header.idr {
+            idr_frame = max_frame + 1;
+        }
+        let frame = match poc.next(s, &header) {
+            Some(poc) => idr_frame + poc / 2,
+            None => max_frame + 1,
+        };
+        max_frame = max_frame.max(frame);
+        out.push(frame * frame_ticks);
+    }
+    Ok(out)
+}
+
+/// An Annex B elementary stream with AUDs as hub frames, in decode order:
+/// times from [`presentation_times`], DTS and parameters from
+/// [`H264Assembler`], the code WebRTC ingest runs.
+pub fn elementary_stream_frames(stream: &[u8], frame_ticks: i64) -> Result<Vec<Frame>, H264Error> {
+    let aus = access_units(stream);
+    let pts = presentation_times(&aus, frame_ticks)?;
+    let mut assembler = H264Assembler::new();
+    Ok(aus
+        .iter()
+        .zip(pts)
+        .filter_map(|(au, pts)| assembler.push(&to_annexb(au), pts, true).frame)
+        .collect())
 }
 
 /// Removes emulation prevention bytes (`00 00 03` → `00 00`), turning a NAL
@@ -1485,15 +1551,6 @@ mod tests {
         w.finish_nal((ref_idc << 5) | t)
     }
 
-    fn annexb(nals: &[&[u8]]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for n in nals {
-            out.extend_from_slice(&[0, 0, 0, 1]);
-            out.extend_from_slice(n);
-        }
-        out
-    }
-
     const AUD: [u8; 2] = [0x09, 0xf0];
 
     #[test]
@@ -1857,11 +1914,11 @@ mod tests {
         let mut asm = H264Assembler::new();
 
         // A P frame before anything: dropped, wants a keyframe.
-        let out = asm.push(&annexb(&[&AUD, &p1]), 0, true);
+        let out = asm.push(&to_annexb(&[&AUD, &p1]), 0, true);
         assert!(out.frame.is_none() && out.need_keyframe);
 
         // OBS: SPS/PPS alone, then the IDR with the same timestamp.
-        let out = asm.push(&annexb(&[&sps, &pps]), 3000, true);
+        let out = asm.push(&to_annexb(&[&sps, &pps]), 3000, true);
         assert!(out.frame.is_none());
         let params = asm.params().unwrap().clone();
         match &*params {
@@ -1876,32 +1933,35 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        let out = asm.push(&annexb(&[&AUD, &idr]), 3000, true);
+        let out = asm.push(&to_annexb(&[&AUD, &idr]), 3000, true);
         let f = out.frame.unwrap();
         assert!(f.key && !out.need_keyframe);
         assert_eq!((f.pts, f.dts), (3000, 3000));
-        assert_eq!(&f.data[..], &annexb(&[&sps, &pps, &idr])[..]);
+        assert_eq!(&f.data[..], &to_annexb(&[&sps, &pps, &idr])[..]);
         assert!(Arc::ptr_eq(&f.params, &params));
 
         // P frame: AUD dropped, same params Arc.
-        let f = asm.push(&annexb(&[&AUD, &p1]), 6000, true).frame.unwrap();
+        let f = asm
+            .push(&to_annexb(&[&AUD, &p1]), 6000, true)
+            .frame
+            .unwrap();
         assert!(!f.key);
-        assert_eq!(&f.data[..], &annexb(&[&p1])[..]);
+        assert_eq!(&f.data[..], &to_annexb(&[&p1])[..]);
         assert!(Arc::ptr_eq(&f.params, &params));
 
         // Gap: dropped until the next IDR.
-        let out = asm.push(&annexb(&[&p1]), 9000, false);
+        let out = asm.push(&to_annexb(&[&p1]), 9000, false);
         assert!(out.frame.is_none() && out.need_keyframe);
-        let out = asm.push(&annexb(&[&p1]), 12000, true);
+        let out = asm.push(&to_annexb(&[&p1]), 12000, true);
         assert!(out.frame.is_none() && out.need_keyframe);
         // IDR carrying SPS but not PPS: PPS inserted after the SPS.
         let sei = [0x06, 0x05, 0x01, 0xaa, 0x80];
         let f = asm
-            .push(&annexb(&[&sei, &sps, &idr]), 15000, true)
+            .push(&to_annexb(&[&sei, &sps, &idr]), 15000, true)
             .frame
             .unwrap();
         assert!(f.key);
-        assert_eq!(&f.data[..], &annexb(&[&sps, &pps, &sei, &idr])[..]);
+        assert_eq!(&f.data[..], &to_annexb(&[&sps, &pps, &sei, &idr])[..]);
         assert!(Arc::ptr_eq(&f.params, &params));
 
         // New SPS (resolution change): new Arc.
@@ -1912,7 +1972,7 @@ mod tests {
             ..SpsSpec::default()
         });
         let f = asm
-            .push(&annexb(&[&sps2, &pps, &idr]), 18000, true)
+            .push(&to_annexb(&[&sps2, &pps, &idr]), 18000, true)
             .frame
             .unwrap();
         assert!(!Arc::ptr_eq(&f.params, &params));
@@ -1940,12 +2000,12 @@ mod tests {
         }
         let f = asm.push(&au, 0, false).frame.unwrap();
         assert!(f.key);
-        assert_eq!(&f.data[..], &annexb(&[&sps, &pps, &idr, &idr])[..]);
+        assert_eq!(&f.data[..], &to_annexb(&[&sps, &pps, &idr, &idr])[..]);
         // A gap right before an IDR: the IDR itself is output.
-        asm.push(&annexb(&[&p1, &p1]), 3000, true).frame.unwrap();
-        let f = asm.push(&annexb(&[&idr]), 6000, false).frame.unwrap();
+        asm.push(&to_annexb(&[&p1, &p1]), 3000, true).frame.unwrap();
+        let f = asm.push(&to_annexb(&[&idr]), 6000, false).frame.unwrap();
         assert!(f.key && f.dts == 6000);
-        assert_eq!(&f.data[..], &annexb(&[&sps, &pps, &idr])[..]);
+        assert_eq!(&f.data[..], &to_annexb(&[&sps, &pps, &idr])[..]);
         assert_eq!(asm.stats().gaps, 1);
     }
 
@@ -1953,10 +2013,10 @@ mod tests {
     fn assembler_needs_param_sets_before_idr() {
         let idr = make_slice(true, 7, 0, 0, 3);
         let mut asm = H264Assembler::new();
-        let out = asm.push(&annexb(&[&idr]), 0, true);
+        let out = asm.push(&to_annexb(&[&idr]), 0, true);
         assert!(out.frame.is_none() && out.need_keyframe);
         // Broken SPS is counted and ignored.
-        let out = asm.push(&annexb(&[&[0x67, 0x42][..], &make_pps(), &idr]), 0, true);
+        let out = asm.push(&to_annexb(&[&[0x67, 0x42][..], &make_pps(), &idr]), 0, true);
         assert!(out.frame.is_none() && out.need_keyframe);
         assert_eq!(asm.stats().bad_param_sets, 1);
     }
@@ -1976,44 +2036,11 @@ mod tests {
         (out.status.success() && !out.stdout.is_empty()).then_some(out.stdout)
     }
 
-    /// PTS of every access unit from the POC (x264: POC = 2 * frames since IDR),
-    /// computed with our own parsers as a WebRTC sender would stamp them.
-    fn presentation_times(aus: &[Vec<&[u8]>]) -> Vec<i64> {
-        let mut sps = None;
-        let mut pps = None;
-        let mut poc = PocCounter::new();
-        let mut idr_frame = 0i64;
-        let mut max_frame = -1i64;
-        let mut out = Vec::new();
-        for au in aus {
-            for nal in au {
-                match nal_type(nal) {
-                    NAL_SPS => sps = Some(Sps::parse(nal).unwrap()),
-                    NAL_PPS => pps = Some(Pps::parse(nal).unwrap()),
-                    _ => {}
-                }
-            }
-            let slice = au.iter().find(|n| is_vcl(nal_type(n))).unwrap();
-            let (sps, pps) = (sps.as_ref().unwrap(), pps.as_ref().unwrap());
-            let h = SliceHeader::parse(slice, sps, pps).unwrap();
-            if h.idr {
-                idr_frame = max_frame + 1;
-            }
-            let frame = match poc.next(sps, &h) {
-                Some(p) => idr_frame + p / 2,
-                None => max_frame + 1, // POC type 2: decode order
-            };
-            max_frame = max_frame.max(frame);
-            out.push(frame * 3000);
-        }
-        out
-    }
-
     fn run_real(profile: &str, bframes: u32, obs_split: bool) -> Option<Vec<Frame>> {
         let stream = x264(profile, bframes)?;
         let aus = access_units(&stream);
         assert_eq!(aus.len(), 60);
-        let pts = presentation_times(&aus);
+        let pts = presentation_times(&aus, 3000).unwrap();
         let mut sorted = pts.clone();
         sorted.sort_unstable();
         assert_eq!(sorted, (0..60).map(|i| i * 3000).collect::<Vec<_>>());
@@ -2024,11 +2051,11 @@ mod tests {
             let is_param = |n: &&&[u8]| matches!(nal_type(n), NAL_SPS | NAL_PPS);
             if obs_split && au.iter().any(|n| is_param(&n)) {
                 let params: Vec<&[u8]> = au.iter().filter(is_param).copied().collect();
-                assert!(asm.push(&annexb(&params), pts, true).frame.is_none());
+                assert!(asm.push(&to_annexb(&params), pts, true).frame.is_none());
                 let rest: Vec<&[u8]> = au.iter().filter(|n| !is_param(n)).copied().collect();
-                frames.extend(asm.push(&annexb(&rest), pts, true).frame);
+                frames.extend(asm.push(&to_annexb(&rest), pts, true).frame);
             } else {
-                frames.extend(asm.push(&annexb(au), pts, true).frame);
+                frames.extend(asm.push(&to_annexb(au), pts, true).frame);
             }
         }
         assert_eq!(frames.len(), 60);
@@ -2108,7 +2135,7 @@ mod tests {
         let mut prev = -1;
         for round in 0..20 {
             for (i, au) in aus.iter().enumerate() {
-                let mut bytes = annexb(au);
+                let mut bytes = to_annexb(au);
                 for _ in 0..(round % 4) {
                     seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
                     let at = (seed >> 8) as usize % bytes.len().min(48);
@@ -2132,7 +2159,7 @@ mod tests {
             return;
         };
         let aus = access_units(&stream);
-        let pts = presentation_times(&aus);
+        let pts = presentation_times(&aus, 3000).unwrap();
         let mut sps = None;
         let mut pps = None;
         let mut poc = PocCounter::new();

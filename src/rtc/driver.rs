@@ -23,7 +23,7 @@ use super::tcp::TcpEvent;
 use super::{Created, RtcError};
 use crate::hub::{Hub, KeyframeRequester, Publication};
 use crate::media::frame::TrackKind;
-use crate::telemetry;
+use crate::telemetry::{self, PacketDrop};
 
 /// A session that has not completed ICE and DTLS by then is closed: the
 /// client cannot reach us, or is not trying.
@@ -366,6 +366,7 @@ impl Driver {
     /// returns that session's id.
     fn datagram(&mut self, data: &[u8], source: SocketAddr, proto: Protocol) -> Option<String> {
         let Ok(contents) = data.try_into() else {
+            telemetry::packet_dropped(PacketDrop::Unparsable);
             return None; // not STUN, DTLS, RTP or RTCP
         };
         let now = Instant::now();
@@ -389,10 +390,14 @@ impl Driver {
                 .find(|(_, s)| s.rtc.accepts(&input))
                 .map(|(id, _)| id.clone()),
         };
-        let id = id?;
+        let Some(id) = id else {
+            telemetry::packet_dropped(PacketDrop::NoSession);
+            return None;
+        };
         let s = self.sessions.get_mut(&id)?;
         s.last_input = now;
         if let Err(e) = s.rtc.handle_input(input) {
+            telemetry::packet_dropped(PacketDrop::Rejected);
             let _g = s.span.enter();
             tracing::debug!(error = %e, "bad input");
         }

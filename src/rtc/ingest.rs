@@ -10,13 +10,27 @@ use bytes::Bytes;
 use str0m::media::MediaData;
 
 use crate::media::frame::{CodecParams, Frame, TrackKind};
-use crate::media::h264::H264Assembler;
+use crate::media::h264::{AssemblerStats, H264Assembler};
 use crate::media::time::{SenderReport, Timeline};
+use crate::telemetry::{self, MediaDrop};
 
 pub struct Ingest {
     timeline: Timeline,
     video: H264Assembler,
     opus: Arc<CodecParams>,
+}
+
+/// One depacketized frame as str0m hands it over, reduced to what ingest
+/// reads (so tests and fuzzing can feed it without str0m).
+pub struct Depacketized<'a> {
+    pub kind: TrackKind,
+    pub clock_rate: u32,
+    pub rtp_time: u32,
+    pub arrival: Instant,
+    pub sender_report: Option<SenderReport>,
+    /// No packet was lost since the previous frame of the track.
+    pub contiguous: bool,
+    pub data: &'a [u8],
 }
 
 pub struct Ingested {
@@ -37,21 +51,34 @@ impl Ingest {
         }
     }
 
+    /// The H264 assembler's counters.
+    pub fn video_stats(&self) -> AssemblerStats {
+        self.video.stats()
+    }
+
+    /// str0m's media data in.
     pub fn push(&mut self, kind: TrackKind, d: &MediaData) -> Ingested {
-        if let Some(si) = &d.last_sender_info {
-            self.timeline.sender_report(
-                kind,
-                SenderReport {
-                    ntp_time: si.ntp_time,
-                    rtp_time: si.rtp_time.numer() as u32,
-                },
-            );
+        self.push_depacketized(Depacketized {
+            kind,
+            clock_rate: d.time.denom(),
+            rtp_time: d.time.numer() as u32,
+            arrival: d.network_time,
+            sender_report: d.last_sender_info.as_ref().map(|si| SenderReport {
+                ntp_time: si.ntp_time,
+                rtp_time: si.rtp_time.numer() as u32,
+            }),
+            contiguous: d.contiguous,
+            data: &d.data,
+        })
+    }
+
+    pub fn push_depacketized(&mut self, d: Depacketized<'_>) -> Ingested {
+        let kind = d.kind;
+        if let Some(sr) = d.sender_report {
+            self.timeline.sender_report(kind, sr);
         }
-        let arrival: Instant = d.network_time;
-        let Some(pts) = self
-            .timeline
-            .map(kind, d.time.denom(), d.time.numer() as u32, arrival)
-        else {
+        let Some(pts) = self.timeline.map(kind, d.clock_rate, d.rtp_time, d.arrival) else {
+            telemetry::media_dropped(MediaDrop::Timestamp, 1);
             return Ingested {
                 frame: None,
                 want_keyframe: false,
@@ -59,7 +86,23 @@ impl Ingest {
         };
         match kind {
             TrackKind::Video => {
-                let out = self.video.push(&d.data, pts, d.contiguous);
+                let before = self.video.stats();
+                let out = self.video.push(d.data, pts, d.contiguous);
+                let after = self.video.stats();
+                for (why, n) in [
+                    (
+                        MediaDrop::WaitingKeyframe,
+                        after.dropped_waiting_idr - before.dropped_waiting_idr,
+                    ),
+                    (
+                        MediaDrop::BadParameterSet,
+                        after.bad_param_sets - before.bad_param_sets,
+                    ),
+                ] {
+                    if n > 0 {
+                        telemetry::media_dropped(why, n);
+                    }
+                }
                 Ingested {
                     frame: out.frame,
                     want_keyframe: out.need_keyframe,
@@ -70,7 +113,7 @@ impl Ingest {
                     pts,
                     dts: pts,
                     key: true,
-                    data: Bytes::copy_from_slice(&d.data),
+                    data: Bytes::copy_from_slice(d.data),
                     params: self.opus.clone(),
                 }),
                 want_keyframe: false,

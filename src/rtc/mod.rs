@@ -3,7 +3,7 @@
 //! on stream hubs.
 
 mod driver;
-mod ingest;
+pub mod ingest;
 pub mod offer;
 pub mod tcp;
 pub mod trickle;

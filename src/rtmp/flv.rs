@@ -866,10 +866,7 @@ mod tests {
 
         use super::super::*;
         use crate::media::frame::Frame;
-        use crate::media::h264::{
-            H264Assembler, NAL_PPS, NAL_SPS, PocCounter, Pps, SliceHeader, Sps, access_units,
-            is_vcl,
-        };
+        use crate::media::h264;
 
         /// Stdout of ffmpeg with these (whitespace-separated) arguments.
         fn ffmpeg(args: &str) -> Option<Vec<u8>> {
@@ -881,40 +878,9 @@ mod tests {
             (out.status.success() && !out.stdout.is_empty()).then_some(out.stdout)
         }
 
-        fn annexb(nals: &[&[u8]]) -> Vec<u8> {
-            nals.iter()
-                .flat_map(|n| [&[0, 0, 0, 1][..], n].concat())
-                .collect()
-        }
-
-        /// Hub frames as a WebRTC sender would stamp them: PTS from the POC
-        /// (x264: 2 per frame since the IDR, 30 fps), DTS from the assembler.
+        /// Hub frames as a WebRTC sender would stamp them (30 fps).
         fn video_frames(stream: &[u8]) -> Vec<Frame> {
-            let (mut sps, mut pps) = (None, None);
-            let mut poc = PocCounter::new();
-            let mut asm = H264Assembler::new();
-            let mut idr_frame = 0i64;
-            let mut max_frame = -1i64;
-            let mut frames = Vec::new();
-            for au in access_units(stream) {
-                for nal in &au {
-                    match nal_type(nal) {
-                        NAL_SPS => sps = Some(Sps::parse(nal).unwrap()),
-                        NAL_PPS => pps = Some(Pps::parse(nal).unwrap()),
-                        _ => {}
-                    }
-                }
-                let slice = au.iter().find(|n| is_vcl(nal_type(n))).unwrap();
-                let (s, p) = (sps.as_ref().unwrap(), pps.as_ref().unwrap());
-                let h = SliceHeader::parse(slice, s, p).unwrap();
-                if h.idr {
-                    idr_frame = max_frame + 1;
-                }
-                let frame = idr_frame + poc.next(s, &h).unwrap() / 2;
-                max_frame = max_frame.max(frame);
-                frames.extend(asm.push(&annexb(&au), frame * 3000, true).frame);
-            }
-            frames
+            h264::elementary_stream_frames(stream, 3000).unwrap()
         }
 
         /// Raw AAC frames and the AudioSpecificConfig of an ADTS stream.

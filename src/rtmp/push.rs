@@ -74,6 +74,11 @@ pub struct PushOptions {
     pub backoff_max: Duration,
     /// A connection that published this long resets the backoff.
     pub backoff_reset_after: Duration,
+    /// Push the publication's video (a preset may drop it).
+    pub video: bool,
+    /// Push the publication's audio (the stream's preset makes it AAC);
+    /// false: the target gets video only, whatever the publisher sends.
+    pub audio: bool,
 }
 
 impl Default for PushOptions {
@@ -86,6 +91,8 @@ impl Default for PushOptions {
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(10),
             backoff_reset_after: Duration::from_secs(60),
+            video: true,
+            audio: true,
         }
     }
 }
@@ -187,7 +194,12 @@ pub fn spawn(
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     // Subscribed now, so no frame published after `spawn` returns is missed.
-    let sub = hub.subscribe("rtmp-push", READ_CODECS, options.queue.max(16));
+    let codecs: &'static [Codec] = match (options.video, options.audio) {
+        (true, false) => &[Codec::H264],
+        (false, true) => &[Codec::Aac, Codec::Opus],
+        _ => READ_CODECS,
+    };
+    let sub = hub.subscribe("rtmp-push", codecs, options.queue.max(16));
     let span = tracing::info_span!("rtmp_push", stream = %hub.name(), url = %target.masked());
     let worker = Worker {
         hub,
@@ -343,6 +355,12 @@ impl Worker {
 
     /// Serves one publication until it ends or the push is stopped.
     async fn serve(&mut self, publication: Publication) -> Outcome {
+        // Tracks the options leave out are not waited for nor sent.
+        let publication = Publication {
+            video: publication.video && self.options.video,
+            audio: publication.audio && self.options.audio,
+            ..publication
+        };
         self.backoff = Backoff::new(self.options.backoff_min, self.options.backoff_max);
         let mut probe = Probe::new(publication);
         let mut cache = GopCache::default();

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::{Context, ensure};
 use bytes::Bytes;
 use whipgate::media::frame::{CodecParams, Frame};
-use whipgate::media::h264::{H264Assembler, access_units};
+use whipgate::media::h264::elementary_stream_frames;
 
 /// The sample's frames, in decode order.
 fn ffmpeg(args: &[&str]) -> anyhow::Result<()> {
@@ -70,21 +70,7 @@ pub fn load_sample_frames() -> anyhow::Result<Vec<Frame>> {
 
 /// Access units of an Annex B stream with AUDs, at 30 fps.
 fn video_frames(data: &[u8]) -> anyhow::Result<Vec<Frame>> {
-    let units: Vec<Vec<u8>> = access_units(data)
-        .iter()
-        .map(|au| {
-            au.iter()
-                .flat_map(|nal| [&[0, 0, 0, 1][..], nal].concat())
-                .collect()
-        })
-        .collect();
-    let mut assembler = H264Assembler::new();
-    let mut frames = Vec::new();
-    for (i, au) in units.iter().enumerate() {
-        if let Some(f) = assembler.push(au, i as i64 * 3000, true).frame {
-            frames.push(f);
-        }
-    }
+    let frames = elementary_stream_frames(data, 3000).context("the sample's H264")?;
     ensure!(frames.len() > 250, "only {} video frames", frames.len());
     ensure!(frames[0].key, "the sample starts on a keyframe");
     Ok(frames)

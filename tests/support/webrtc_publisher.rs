@@ -774,6 +774,24 @@ impl Publisher {
         Ok((vi as u64, ai as u64))
     }
 
+    /// The peer connection state as it changes, e.g. to watch the connection after the
+    /// server ended the session behind the publisher's back.
+    pub fn connection_state(&self) -> watch::Receiver<RTCPeerConnectionState> {
+        self.connection.clone()
+    }
+
+    /// Sends the media (see [`load_media`]) after [`Publisher::connect`], paced in real
+    /// time, for at most `limit` of media time; returns (video frames, audio packets) sent.
+    /// For tests that need the session while it is live; [`publish`] does it all.
+    pub async fn send_media(
+        &mut self,
+        video: &[Bytes],
+        audio: &[OpusPacket],
+        limit: Duration,
+    ) -> anyhow::Result<(u64, u64)> {
+        self.stream(video, audio, limit).await
+    }
+
     /// Closes the peer connection (bounded, best effort).
     pub async fn close(&self) {
         match tokio::time::timeout(CLOSE_TIMEOUT, self.pc.close()).await {
@@ -782,6 +800,32 @@ impl Publisher {
             Err(_) => eprintln!("webrtc_publisher: closing the peer connection timed out"),
         }
     }
+}
+
+/// The H.264 access units and Opus packets of the files [`extract_sample`] makes, for
+/// [`Publisher::send_media`].
+pub fn load_media(
+    h264_annexb: &Path,
+    ogg_opus: &Path,
+) -> anyhow::Result<(Vec<Bytes>, Vec<OpusPacket>)> {
+    let data =
+        std::fs::read(h264_annexb).with_context(|| format!("reading {}", h264_annexb.display()))?;
+    let video = h264_access_units(&data);
+    ensure!(
+        !video.is_empty(),
+        "no H.264 access units in {}",
+        h264_annexb.display()
+    );
+    let data =
+        std::fs::read(ogg_opus).with_context(|| format!("reading {}", ogg_opus.display()))?;
+    let audio =
+        ogg_opus_packets(&data).with_context(|| format!("parsing {}", ogg_opus.display()))?;
+    ensure!(
+        !audio.is_empty(),
+        "no Opus packets in {}",
+        ogg_opus.display()
+    );
+    Ok((video, audio))
 }
 
 // ── WHIP ──────────────────────────────────────────────────────────────────────
