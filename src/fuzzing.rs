@@ -19,7 +19,7 @@ use bytes::Bytes;
 use crate::hls::playlist::{Playlist, PlaylistConfig};
 use crate::hls::segmenter::{Segment, Segmenter, SegmenterConfig};
 use crate::hls::ts::{PACKET_SIZE, PMT_PID};
-use crate::media::frame::{CodecParams, Frame, TrackKind};
+use crate::media::frame::{Codec, CodecParams, Frame, TrackKind};
 use crate::media::h264::{
     self, NAL_AUD, NAL_FILLER, NAL_IDR, NAL_PPS, NAL_SPS, Pps, SliceHeader, Sps, access_units,
     nal_type, split_annexb,
@@ -137,14 +137,19 @@ pub fn sdp_offer(data: &[u8]) {
             assert!(s.payloads[i + 1..].iter().all(|q| q.pt != p.pt));
         }
     }
-    if let Ok(accepted) = offer::check(sections) {
+    let accept_vp8 = data.first().is_some_and(|b| b & 1 == 1);
+    if let Ok(accepted) = offer::check(sections, accept_vp8) {
         assert!(accepted.video.is_some() || accepted.audio.is_some());
         for s in accepted.video.iter().chain(&accepted.audio) {
             assert!(!s.port_zero);
             assert!(s.direction == "sendonly" || s.direction == "sendrecv");
         }
         if let Some(v) = &accepted.video {
-            assert!(!v.h264_mode1().is_empty());
+            match accepted.video_codec {
+                Some(Codec::H264) => assert!(!v.h264_mode1().is_empty()),
+                Some(Codec::Vp8) => assert!(accept_vp8 && v.vp8().is_some()),
+                other => panic!("video accepted as {other:?}"),
+            }
         }
         if let Some(a) = &accepted.audio {
             assert!(a.opus().is_some());
@@ -188,7 +193,7 @@ struct IngestCheck {
 impl IngestCheck {
     fn new() -> Self {
         Self {
-            ingest: Ingest::new(2),
+            ingest: Ingest::new(2, Codec::H264),
             last_video_dts: None,
             last_audio: None,
             frames: Vec::new(),

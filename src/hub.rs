@@ -70,7 +70,7 @@ pub struct Hub {
     /// Milliseconds after `created` of the last published frame.
     last_frame_ms: AtomicU64,
     /// Frames published, per codec (indexed by [`codec_index`]).
-    published: [Counter; 3],
+    published: [Counter; 4],
 }
 
 fn codec_index(codec: Codec) -> usize {
@@ -78,6 +78,7 @@ fn codec_index(codec: Codec) -> usize {
         Codec::H264 => 0,
         Codec::Opus => 1,
         Codec::Aac => 2,
+        Codec::Vp8 => 3,
     }
 }
 
@@ -116,7 +117,7 @@ impl Hub {
             dropped_total: AtomicU64::new(0),
             created: Instant::now(),
             last_frame_ms: AtomicU64::new(0),
-            published: [Codec::H264, Codec::Opus, Codec::Aac]
+            published: [Codec::H264, Codec::Opus, Codec::Aac, Codec::Vp8]
                 .map(|c| telemetry::frames_published(name, c)),
         })
     }

@@ -134,9 +134,33 @@ struct PresetFile {
 pub struct Video {
     #[serde(default)]
     pub mode: VideoMode,
+    /// Video the outputs cannot take as published (VP8 from browsers):
+    /// `encode` it to H264 (the default), or `refuse` such offers (422).
+    #[serde(default)]
+    pub non_h264: NonH264,
     /// `[[video.renditions]]`, with `mode = "transcode"` only.
     #[serde(default)]
     pub renditions: Vec<Rendition>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NonH264 {
+    #[default]
+    Encode,
+    Refuse,
+}
+
+impl Video {
+    /// The preset takes VP8 publishers (encoded to H264, or dropped).
+    pub fn accepts_vp8(&self) -> bool {
+        self.mode == VideoMode::Drop || self.non_h264 == NonH264::Encode
+    }
+
+    /// VP8 arriving on the stream is encoded to H264.
+    pub fn encodes_vp8(&self) -> bool {
+        self.mode != VideoMode::Drop && self.non_h264 == NonH264::Encode
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

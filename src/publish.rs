@@ -43,7 +43,7 @@ use crate::rtc::tcp::TcpLinks;
 /// Command line arguments of `whipgate publish`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PublishArgs {
-    /// Media file with H264 video and/or Opus audio (MKV, MP4, WebM, ...).
+    /// Media file with H264 or VP8 video and/or Opus audio (MKV, MP4, WebM, ...).
     pub file: PathBuf,
     /// WHIP endpoint URL, e.g. http://127.0.0.1:8080/whip/mystream
     pub url: String,
@@ -82,7 +82,7 @@ pub struct PublishArgs {
 /// Everything [`publish`] needs.
 #[derive(Debug, Clone)]
 pub struct PublishOptions {
-    /// Media file with H264 video and/or Opus audio.
+    /// Media file with H264 or VP8 video and/or Opus audio.
     pub file: PathBuf,
     /// WHIP endpoint URL.
     pub url: String,
@@ -639,7 +639,8 @@ impl Session<'_> {
         let mut rtc = RtcConfig::new()
             .set_crypto_provider(Arc::new(str0m::crypto::from_feature_flags()))
             .clear_codecs()
-            .enable_h264(true)
+            .enable_h264(!self.info.vp8)
+            .enable_vp8(self.info.vp8)
             .enable_opus(true, false)
             .build(Instant::now());
 
@@ -688,8 +689,10 @@ impl Session<'_> {
                     add_host_candidate(&mut rtc, addr, opts.ice_tcp);
                 }
             }
-            let video =
-                video_mid.map(|mid| Track::new(&mut rtc, mid, Codec::H264, info.h264_profile));
+            let video = video_mid.map(|mid| {
+                let codec = if info.vp8 { Codec::Vp8 } else { Codec::H264 };
+                Track::new(&mut rtc, mid, codec, info.h264_profile)
+            });
             let audio = audio_mid.map(|mid| Track::new(&mut rtc, mid, Codec::Opus, None));
             if video.as_ref().is_none_or(|t| t.pt.is_none())
                 && audio.as_ref().is_none_or(|t| t.pt.is_none())
@@ -1545,6 +1548,8 @@ pub struct MediaInfo {
     pub audio: bool,
     /// `profile_idc << 16 | constraint flags << 8 | level_idc` from the first SPS.
     pub h264_profile: Option<u32>,
+    /// The video is VP8 (sent as it is, like H264).
+    pub vp8: bool,
 }
 
 /// Frames for the event loop: from the demuxer thread, or replayed from memory.
@@ -1748,18 +1753,17 @@ impl Demuxer {
 
             let kind = sel.kind;
             let (key, data) = match kind {
-                FrameKind::Video => {
-                    let Some(conv) = self.h264.as_mut() else {
-                        continue;
-                    };
-                    match conv.convert(data, packet.is_key()) {
+                FrameKind::Video => match self.h264.as_mut() {
+                    Some(conv) => match conv.convert(data, packet.is_key()) {
                         Ok(au) => au,
                         Err(e) => {
                             warn!("skipping a bad H264 packet: {e}");
                             continue;
                         }
-                    }
-                }
+                    },
+                    // VP8: each packet is one frame, sent as it is.
+                    None => (packet.is_key(), data.to_vec()),
+                },
                 FrameKind::Audio => (false, data.to_vec()),
             };
             if data.is_empty() {
@@ -1841,6 +1845,7 @@ fn open_input(path: &Path) -> anyhow::Result<Opened> {
         video: false,
         audio: false,
         h264_profile: None,
+        vp8: false,
     };
     for stream in input.streams() {
         let params = stream.parameters();
@@ -1850,11 +1855,18 @@ fn open_input(path: &Path) -> anyhow::Result<Opened> {
             i64::from(tb.denominator()).max(1),
         );
         match (params.medium(), params.id()) {
-            (ffmpeg::media::Type::Video, ffmpeg::codec::Id::H264) if !info.video => {
-                let conv = H264ToAnnexB::new(extradata(&params))
-                    .with_context(|| format!("H264 stream #{}", stream.index()))?;
-                info.h264_profile = conv.profile();
-                h264 = Some(conv);
+            (
+                ffmpeg::media::Type::Video,
+                id @ (ffmpeg::codec::Id::H264 | ffmpeg::codec::Id::VP8),
+            ) if !info.video => {
+                if id == ffmpeg::codec::Id::H264 {
+                    let conv = H264ToAnnexB::new(extradata(&params))
+                        .with_context(|| format!("H264 stream #{}", stream.index()))?;
+                    info.h264_profile = conv.profile();
+                    h264 = Some(conv);
+                } else {
+                    info.vp8 = true;
+                }
                 info.video = true;
                 let rate = stream.avg_frame_rate();
                 let default_duration_us = if rate.numerator() > 0 && rate.denominator() > 0 {
@@ -1880,8 +1892,8 @@ fn open_input(path: &Path) -> anyhow::Result<Opened> {
             }
             (ffmpeg::media::Type::Video | ffmpeg::media::Type::Audio, id) => {
                 warn!(
-                    "ignoring {:?} stream #{} ({id:?}): publish sends one H264 and one Opus \
-                     stream without re-encoding",
+                    "ignoring {:?} stream #{} ({id:?}): publish sends one H264 or VP8 and one \
+                     Opus stream without re-encoding",
                     params.medium(),
                     stream.index()
                 );

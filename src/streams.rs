@@ -106,6 +106,21 @@ impl Streams {
                 self.shutdown.clone(),
             )));
         }
+        // A VP8 publisher's video becomes H264 (idle for H264 publishers),
+        // with keyframes on the HLS segment grid.
+        if preset.video.encodes_vp8() {
+            let settings = transcode::video::VideoSettings {
+                keyframe_interval: (self.config.hls.segment_duration
+                    * crate::media::frame::CLOCK_HZ as f64)
+                    .round() as i64,
+                ..Default::default()
+            };
+            outputs.push(tokio::spawn(transcode::rendition::run_h264(
+                hub.clone(),
+                settings,
+                self.shutdown.clone(),
+            )));
+        }
         outputs.push(tokio::spawn(hls::output::run(
             hub.clone(),
             self.config.hls.clone(),

@@ -174,6 +174,7 @@ pub fn codec_name(codec: Codec) -> &'static str {
         Codec::H264 => "h264",
         Codec::Opus => "opus",
         Codec::Aac => "aac",
+        Codec::Vp8 => "vp8",
     }
 }
 

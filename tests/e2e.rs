@@ -433,3 +433,59 @@ async fn ice_tcp_fallback_carries_a_whole_publication() {
     let log = server.log();
     assert!(log.contains("ICE-TCP connection"), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vp8_publication_becomes_h264_hls() {
+    // A VP8 + Opus file, as a browser would send: FFmpeg's libvpx.
+    let tmp = tempfile::tempdir().unwrap();
+    let webm = tmp.path().join("vp8.webm");
+    let status = std::process::Command::new("ffmpeg")
+        .args(["-nostdin", "-v", "error", "-i"])
+        .arg(sample_mkv())
+        .args(["-c:v", "libvpx", "-deadline", "realtime", "-cpu-used", "8"])
+        .args(["-b:v", "1M", "-g", "90", "-c:a", "copy"])
+        .arg(&webm)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let server = Server::start("").unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_whipgate"))
+        .arg("publish")
+        .arg(&webm)
+        .arg(server.url("/whip/vp8"))
+        .env("WHIPGATE_LOG", "warn,whipgate::publish=debug")
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(40), out)
+        .await
+        .expect("publish finished in time")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "whipgate publish: {stderr}");
+    assert!(stderr.contains("VP8/90000"), "VP8 was negotiated: {stderr}");
+    // H264 + AAC, 640x360, clean, the whole duration, in sync.
+    let playlist = check_hls(&server, "vp8", av(10.0)).await;
+    // Keyframes are forced every segment duration: whole 2 s segments.
+    let (_, last) = playlist.segments.split_last().unwrap();
+    assert!(
+        last.iter().all(|(_, d)| (d - 2.0).abs() < 0.05),
+        "{playlist:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preset_without_transcoding_refuses_vp8() {
+    let server = Server::start("[stream_defaults]\npreset = \"copy-all\"\n").unwrap();
+    let offer = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n\
+                 m=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\n\
+                 a=sendonly\r\na=rtpmap:96 VP8/90000\r\n";
+    let resp = reqwest::Client::new()
+        .post(server.url("/whip/novp8"))
+        .header("content-type", "application/sdp")
+        .body(offer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422);
+    let body = resp.text().await.unwrap();
+    assert!(body.contains("does not transcode VP8"), "{body}");
+}

@@ -19,12 +19,14 @@ pub enum Codec {
     H264,
     Opus,
     Aac,
+    /// Only from publishers; outputs get it transcoded to H264.
+    Vp8,
 }
 
 impl Codec {
     pub fn kind(self) -> TrackKind {
         match self {
-            Codec::H264 => TrackKind::Video,
+            Codec::H264 | Codec::Vp8 => TrackKind::Video,
             Codec::Opus | Codec::Aac => TrackKind::Audio,
         }
     }
@@ -59,6 +61,10 @@ pub enum CodecParams {
         sample_rate: u32,
         channels: u8,
     },
+    Vp8 {
+        width: u32,
+        height: u32,
+    },
 }
 
 impl CodecParams {
@@ -67,6 +73,7 @@ impl CodecParams {
             CodecParams::H264 { .. } => Codec::H264,
             CodecParams::Opus { .. } => Codec::Opus,
             CodecParams::Aac { .. } => Codec::Aac,
+            CodecParams::Vp8 { .. } => Codec::Vp8,
         }
     }
 }
@@ -82,6 +89,7 @@ pub struct Frame {
     pub key: bool,
     /// H264: one Annex B access unit (start codes, SPS/PPS in front of IDRs).
     /// AAC: one raw AAC frame (no ADTS header). Opus: one Opus packet.
+    /// VP8: one frame as RFC 7741 depacketization gives it.
     pub data: Bytes,
     /// Codec configuration in force for this frame.
     pub params: Arc<CodecParams>,

@@ -1,3 +1,4 @@
 pub mod frame;
 pub mod h264;
 pub mod time;
+pub mod vp8;

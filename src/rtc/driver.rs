@@ -22,7 +22,7 @@ use super::offer::Accepted;
 use super::tcp::TcpEvent;
 use super::{Created, RtcError};
 use crate::hub::{Hub, KeyframeRequester, Publication};
-use crate::media::frame::TrackKind;
+use crate::media::frame::{Codec as FrameCodec, TrackKind};
 use crate::telemetry::{self, PacketDrop};
 
 /// A session that has not completed ICE and DTLS by then is closed: the
@@ -209,6 +209,7 @@ impl Driver {
             } => {
                 let span = tracing::info_span!("session", stream = %hub.name(), session = %id);
                 let result = span.in_scope(|| self.create(&offer, &accepted));
+                let video_codec = accepted.video_codec.unwrap_or(FrameCodec::H264);
                 let result = result.map(|(rtc, offer, answer)| {
                     // Strong ETag, unique per ICE session.
                     let created = Created {
@@ -228,7 +229,7 @@ impl Driver {
                             nack_on: false,
                             connected: false,
                             created: Instant::now(),
-                            ingest: Ingest::new(2),
+                            ingest: Ingest::new(2, video_codec),
                             last_input: Instant::now(),
                             next_timeout: Instant::now(),
                             on_close: Some(on_close),
@@ -493,6 +494,7 @@ fn negotiate(
         .set_ice_lite(true)
         .clear_codecs()
         .enable_opus(accepted.audio.is_some(), false)
+        .enable_vp8(accepted.video_codec == Some(FrameCodec::Vp8))
         // Keep RTCP stats off the hot path; we read what we need from events.
         .set_stats_interval(None);
     if let Some(cert) = cert {
@@ -735,7 +737,7 @@ mod tests {
     }
 
     fn answer(offer_text: &str) -> Result<String, String> {
-        let accepted = offer::check(offer::parse(offer_text).map_err(|e| e.to_string())?)
+        let accepted = offer::check(offer::parse(offer_text).map_err(|e| e.to_string())?, false)
             .map_err(|e| e.to_string())?;
         let server: SocketAddr = "127.0.0.1:8189".parse().unwrap();
         let candidates = vec![Candidate::host(server, "udp").unwrap()];

@@ -9,15 +9,26 @@ use std::time::Instant;
 use bytes::Bytes;
 use str0m::media::MediaData;
 
-use crate::media::frame::{CodecParams, Frame, TrackKind};
+use crate::media::frame::{Codec, CodecParams, Frame, TrackKind};
 use crate::media::h264::{AssemblerStats, H264Assembler};
 use crate::media::time::{SenderReport, Timeline};
+use crate::media::vp8;
 use crate::telemetry::{self, MediaDrop};
 
 pub struct Ingest {
     timeline: Timeline,
-    video: H264Assembler,
+    video: Video,
     opus: Arc<CodecParams>,
+}
+
+/// The publisher's video, by codec.
+enum Video {
+    H264(Box<H264Assembler>),
+    Vp8 {
+        params: Option<Arc<CodecParams>>,
+        /// A keyframe came since the start or the last loss.
+        synced: bool,
+    },
 }
 
 /// One depacketized frame as str0m hands it over, reduced to what ingest
@@ -40,10 +51,17 @@ pub struct Ingested {
 }
 
 impl Ingest {
-    pub fn new(opus_channels: u8) -> Self {
+    /// `video` is the negotiated video codec (H264 or VP8).
+    pub fn new(opus_channels: u8, video: Codec) -> Self {
         Self {
             timeline: Timeline::new(),
-            video: H264Assembler::new(),
+            video: match video {
+                Codec::Vp8 => Video::Vp8 {
+                    params: None,
+                    synced: false,
+                },
+                _ => Video::H264(Box::default()),
+            },
             opus: Arc::new(CodecParams::Opus {
                 sample_rate: 48_000,
                 channels: opus_channels,
@@ -53,7 +71,10 @@ impl Ingest {
 
     /// The H264 assembler's counters.
     pub fn video_stats(&self) -> AssemblerStats {
-        self.video.stats()
+        match &self.video {
+            Video::H264(a) => a.stats(),
+            Video::Vp8 { .. } => AssemblerStats::default(),
+        }
     }
 
     /// str0m's media data in.
@@ -85,29 +106,10 @@ impl Ingest {
             };
         };
         match kind {
-            TrackKind::Video => {
-                let before = self.video.stats();
-                let out = self.video.push(d.data, pts, d.contiguous);
-                let after = self.video.stats();
-                for (why, n) in [
-                    (
-                        MediaDrop::WaitingKeyframe,
-                        after.dropped_waiting_idr - before.dropped_waiting_idr,
-                    ),
-                    (
-                        MediaDrop::BadParameterSet,
-                        after.bad_param_sets - before.bad_param_sets,
-                    ),
-                ] {
-                    if n > 0 {
-                        telemetry::media_dropped(why, n);
-                    }
-                }
-                Ingested {
-                    frame: out.frame,
-                    want_keyframe: out.need_keyframe,
-                }
-            }
+            TrackKind::Video => match &mut self.video {
+                Video::H264(assembler) => h264(assembler, d.data, pts, d.contiguous),
+                Video::Vp8 { params, synced } => vp8(params, synced, d.data, pts, d.contiguous),
+            },
             TrackKind::Audio => Ingested {
                 frame: Some(Frame {
                     pts,
@@ -119,5 +121,69 @@ impl Ingest {
                 want_keyframe: false,
             },
         }
+    }
+}
+
+fn h264(assembler: &mut H264Assembler, data: &[u8], pts: i64, contiguous: bool) -> Ingested {
+    let before = assembler.stats();
+    let out = assembler.push(data, pts, contiguous);
+    let after = assembler.stats();
+    for (why, n) in [
+        (
+            MediaDrop::WaitingKeyframe,
+            after.dropped_waiting_idr - before.dropped_waiting_idr,
+        ),
+        (
+            MediaDrop::BadParameterSet,
+            after.bad_param_sets - before.bad_param_sets,
+        ),
+    ] {
+        if n > 0 {
+            telemetry::media_dropped(why, n);
+        }
+    }
+    Ingested {
+        frame: out.frame,
+        want_keyframe: out.need_keyframe,
+    }
+}
+
+/// VP8 frames go out as they are, from a keyframe on (after a loss, the
+/// decoder would show garbage until the next one: wait for it instead).
+fn vp8(
+    params: &mut Option<Arc<CodecParams>>,
+    synced: &mut bool,
+    data: &[u8],
+    pts: i64,
+    contiguous: bool,
+) -> Ingested {
+    let key = vp8::is_keyframe(data);
+    if key {
+        if let Some((width, height)) = vp8::keyframe_size(data) {
+            let new = CodecParams::Vp8 { width, height };
+            if params.as_deref() != Some(&new) {
+                *params = Some(Arc::new(new));
+            }
+            *synced = true;
+        }
+    } else if !contiguous {
+        *synced = false;
+    }
+    let frame = match (&*params, *synced) {
+        (Some(p), true) => Some(Frame {
+            pts,
+            dts: pts,
+            key,
+            data: Bytes::copy_from_slice(data),
+            params: p.clone(),
+        }),
+        _ => {
+            telemetry::media_dropped(MediaDrop::WaitingKeyframe, 1);
+            None
+        }
+    };
+    Ingested {
+        want_keyframe: frame.is_none(),
+        frame,
     }
 }

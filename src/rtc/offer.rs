@@ -5,6 +5,8 @@
 
 use std::collections::HashMap;
 
+use crate::media::frame::Codec;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MediaKind {
     Audio,
@@ -57,6 +59,12 @@ impl MediaSection {
             .collect()
     }
 
+    pub fn vp8(&self) -> Option<&Payload> {
+        self.payloads
+            .iter()
+            .find(|p| p.codec == "vp8" && p.clock_rate == 90000)
+    }
+
     pub fn opus(&self) -> Option<&Payload> {
         self.payloads
             .iter()
@@ -77,6 +85,8 @@ pub enum OfferError {
 pub struct Accepted {
     pub video: Option<MediaSection>,
     pub audio: Option<MediaSection>,
+    /// The video codec to negotiate: H264 whenever offered, else VP8.
+    pub video_codec: Option<Codec>,
 }
 
 /// Lines an offer may have. Browsers send 100 to 300; thousands only come
@@ -166,10 +176,12 @@ pub fn parse(sdp: &str) -> Result<Vec<MediaSection>, OfferError> {
 
 /// Applies the WHIP rules: at most one audio and one video section, each
 /// `sendonly` or `sendrecv`, each with a codec we take (H264 with
-/// packetization-mode 1, Opus). Sections other than audio/video (data
-/// channels) are ignored. Anything else refuses the whole offer.
-pub fn check(sections: Vec<MediaSection>) -> Result<Accepted, OfferError> {
+/// packetization-mode 1, or VP8 when `accept_vp8`; Opus). Sections other
+/// than audio/video (data channels) are ignored. Anything else refuses the
+/// whole offer.
+pub fn check(sections: Vec<MediaSection>, accept_vp8: bool) -> Result<Accepted, OfferError> {
     let mut video = None;
+    let mut video_codec = None;
     let mut audio = None;
     for s in sections {
         if s.kind == MediaKind::Other || s.port_zero {
@@ -187,12 +199,21 @@ pub fn check(sections: Vec<MediaSection>) -> Result<Accepted, OfferError> {
             )));
         }
         let slot = if s.kind == MediaKind::Video {
-            if s.h264_mode1().is_empty() {
+            video_codec = if !s.h264_mode1().is_empty() {
+                Some(Codec::H264)
+            } else if accept_vp8 && s.vp8().is_some() {
+                Some(Codec::Vp8)
+            } else {
                 let offered: Vec<_> = s.payloads.iter().map(|p| p.codec.as_str()).collect();
+                let wanted = if accept_vp8 {
+                    "H264 with packetization-mode=1 or VP8"
+                } else {
+                    "H264 with packetization-mode=1 (this stream's preset does not transcode VP8)"
+                };
                 return Err(OfferError::Unacceptable(format!(
-                    "no acceptable video codec: H264 with packetization-mode=1 is required, offered {offered:?}"
+                    "no acceptable video codec: {wanted} is required, offered {offered:?}"
                 )));
-            }
+            };
             &mut video
         } else {
             if s.opus().is_none() {
@@ -214,7 +235,11 @@ pub fn check(sections: Vec<MediaSection>) -> Result<Accepted, OfferError> {
             "the offer has no audio or video to publish".into(),
         ));
     }
-    Ok(Accepted { video, audio })
+    Ok(Accepted {
+        video,
+        audio,
+        video_codec,
+    })
 }
 
 #[cfg(test)]
@@ -233,7 +258,7 @@ mod tests {
 
     #[test]
     fn picks_h264_from_a_vp8_first_offer() {
-        let a = check(parse(CHROME).unwrap()).unwrap();
+        let a = check(parse(CHROME).unwrap(), false).unwrap();
         let v = a.video.unwrap();
         let h: Vec<_> = v
             .h264_mode1()
@@ -254,23 +279,23 @@ mod tests {
     fn refuses_recvonly_and_missing_codecs() {
         let recv = CHROME.replace("a=sendonly", "a=recvonly");
         assert!(matches!(
-            check(parse(&recv).unwrap()),
+            check(parse(&recv).unwrap(), false),
             Err(OfferError::Unacceptable(_))
         ));
         let vp8_only =
             "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=sendonly\r\na=rtpmap:96 VP8/90000\r\n";
-        let e = check(parse(vp8_only).unwrap()).unwrap_err();
+        let e = check(parse(vp8_only).unwrap(), false).unwrap_err();
         assert!(e.to_string().contains("H264"), "{e}");
         let two = format!(
             "{CHROME}m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendonly\r\na=rtpmap:111 opus/48000/2\r\n"
         );
-        assert!(check(parse(&two).unwrap()).is_err());
+        assert!(check(parse(&two).unwrap(), false).is_err());
     }
 
     #[test]
     fn sendrecv_is_accepted_and_audio_only_works() {
         let s = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 109\r\na=rtpmap:109 opus/48000/2\r\n";
-        let a = check(parse(s).unwrap()).unwrap();
+        let a = check(parse(s).unwrap(), false).unwrap();
         assert!(a.video.is_none());
         assert_eq!(a.audio.unwrap().direction, "sendrecv");
     }

@@ -983,7 +983,7 @@ impl Mux {
                     is_frame: true,
                 });
             }
-            CodecParams::Opus { .. } => {}
+            CodecParams::Opus { .. } | CodecParams::Vp8 { .. } => {}
         }
         Ok(out)
     }

@@ -33,10 +33,6 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ff::format::Sample;
@@ -46,6 +42,7 @@ use ff::util::error::EAGAIN;
 use ff::{ChannelLayout, Packet, codec, decoder, encoder, frame};
 use ffmpeg_next as ff;
 
+use super::worker::{Core, Worker};
 use crate::media::frame::{CLOCK_HZ, Codec, CodecParams, Frame};
 
 /// Input/output misalignment (90 kHz ticks) that triggers a resync: 100 ms.
@@ -112,33 +109,7 @@ impl Default for AacSettings {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum TranscodeError {
-    #[error("invalid transcode settings: {0}")]
-    InvalidSettings(String),
-    #[error("codec not available in this FFmpeg build: {0}")]
-    CodecNotFound(&'static str),
-    #[error("{what}: {source}")]
-    Ffmpeg {
-        what: &'static str,
-        #[source]
-        source: ff::Error,
-    },
-    #[error("empty audio packet")]
-    EmptyPacket,
-    #[error("expected an Opus frame, got {0:?}")]
-    WrongCodec(Codec),
-    #[error("undecodable Opus packet: {0}")]
-    Decode(#[source] ff::Error),
-    #[error("transcoder already flushed")]
-    Finished,
-    #[error("cannot spawn transcoder thread: {0}")]
-    Spawn(#[from] std::io::Error),
-}
-
-fn ffmpeg_err(what: &'static str) -> impl FnOnce(ff::Error) -> TranscodeError {
-    move |source| TranscodeError::Ffmpeg { what, source }
-}
+pub use super::{TranscodeError, ffmpeg_err};
 
 /// Counters of one transcoder, for logs and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -660,136 +631,31 @@ fn append_planar(fifo: &mut [Vec<f32>], f: &frame::Audio) -> Result<(), Transcod
     Ok(())
 }
 
-/// Why [`AudioTranscoder::try_push`] did not take a frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum PushError {
-    /// The queue is full: the frame was dropped (and counted).
-    #[error("audio transcoder queue full, frame dropped")]
-    Full,
-    /// The transcoder thread has exited.
-    #[error("audio transcoder stopped")]
-    Closed,
-}
-
 /// An [`OpusToAac`] on its own thread, fed by a bounded queue.
-///
-/// Dropping the handle (or calling [`AudioTranscoder::finish`]) closes the
-/// queue; the thread then flushes the encoder, hands the last frames to the
-/// callback and exits.
-pub struct AudioTranscoder {
-    tx: Option<SyncSender<Frame>>,
-    dropped: Arc<AtomicU64>,
-    params: Arc<CodecParams>,
-    handle: Option<JoinHandle<TranscodeStats>>,
-}
+pub type AudioTranscoder = Worker<OpusToAac>;
 
-impl AudioTranscoder {
-    /// Start a transcoder thread. `on_frame` receives every AAC frame, on
-    /// the transcoder thread (keep it cheap and non-blocking, e.g. a
-    /// `tokio::sync::mpsc::Sender::try_send`). `queue` is the input queue
-    /// length in packets (50 = 1 s of 20 ms Opus).
-    pub fn spawn<F>(
-        settings: AacSettings,
-        name: &str,
-        queue: usize,
-        on_frame: F,
-    ) -> Result<Self, TranscodeError>
-    where
-        F: FnMut(Frame) + Send + 'static,
-    {
-        let core = OpusToAac::new(settings)?;
-        let params = core.params();
-        let (tx, rx) = mpsc::sync_channel(queue.max(1));
-        let stream = name.to_owned();
-        let handle = std::thread::Builder::new()
-            .name(format!("aac-{name}"))
-            .spawn(move || run(core, rx, on_frame, &stream))?;
-        Ok(AudioTranscoder {
-            tx: Some(tx),
-            dropped: Arc::new(AtomicU64::new(0)),
-            params,
-            handle: Some(handle),
-        })
+impl Core for OpusToAac {
+    type Stats = TranscodeStats;
+    const NAME: &'static str = "aac";
+
+    fn push(&mut self, frame: &Frame) -> Result<Vec<Frame>, TranscodeError> {
+        OpusToAac::push(self, frame)
     }
 
-    /// Queue an Opus frame. Never blocks: a full queue drops the frame.
-    pub fn try_push(&self, frame: Frame) -> Result<(), PushError> {
-        let Some(tx) = self.tx.as_ref() else {
-            return Err(PushError::Closed);
-        };
-        match tx.try_send(frame) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                Err(PushError::Full)
-            }
-            Err(TrySendError::Disconnected(_)) => Err(PushError::Closed),
-        }
+    fn flush(&mut self) -> Result<Vec<Frame>, TranscodeError> {
+        OpusToAac::flush(self)
     }
 
-    /// Frames dropped so far because the queue was full.
-    pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+    fn stats(&self) -> TranscodeStats {
+        OpusToAac::stats(self)
     }
-
-    /// Parameters of the AAC output (known before the first frame).
-    pub fn params(&self) -> Arc<CodecParams> {
-        self.params.clone()
-    }
-
-    /// Close the queue and wait for the thread to flush and exit. Blocking:
-    /// call from a blocking context.
-    pub fn finish(mut self) -> Option<TranscodeStats> {
-        self.tx = None;
-        self.handle.take().and_then(|h| h.join().ok())
-    }
-}
-
-impl Drop for AudioTranscoder {
-    fn drop(&mut self) {
-        // Closing the queue is enough: the thread flushes and exits on its
-        // own; it is not joined here so dropping never blocks.
-        self.tx = None;
-    }
-}
-
-/// Warnings at most once per this interval per transcoder.
-const WARN_INTERVAL: Duration = Duration::from_secs(5);
-
-fn run<F: FnMut(Frame)>(
-    mut core: OpusToAac,
-    rx: Receiver<Frame>,
-    mut on_frame: F,
-    stream: &str,
-) -> TranscodeStats {
-    let mut last_warn: Option<Instant> = None;
-    let mut suppressed = 0u64;
-    for frame in rx {
-        match core.push(&frame) {
-            Ok(out) => out.into_iter().for_each(&mut on_frame),
-            Err(error) => {
-                if last_warn.is_none_or(|t| t.elapsed() >= WARN_INTERVAL) {
-                    tracing::warn!(stream, %error, suppressed, "audio transcode error");
-                    last_warn = Some(Instant::now());
-                    suppressed = 0;
-                } else {
-                    suppressed += 1;
-                }
-            }
-        }
-    }
-    match core.flush() {
-        Ok(out) => out.into_iter().for_each(&mut on_frame),
-        Err(error) => tracing::warn!(stream, %error, "audio transcode flush failed"),
-    }
-    let stats = core.stats();
-    tracing::debug!(stream, ?stats, "audio transcoder stopped");
-    stats
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transcode::worker::PushError;
+    use std::sync::mpsc;
 
     const AMP: f32 = 0.5;
     const FREQ: f32 = 440.0;
@@ -1211,9 +1077,14 @@ mod tests {
     fn thread_wrapper_flushes_on_close() {
         let packets = opus_packets(2, 100);
         let (tx, rx) = mpsc::channel();
-        let t = AudioTranscoder::spawn(AacSettings::default(), "test", 200, move |f| {
-            let _ = tx.send(f);
-        })
+        let t = AudioTranscoder::spawn(
+            OpusToAac::new(AacSettings::default()).unwrap(),
+            "test",
+            200,
+            move |f| {
+                let _ = tx.send(f);
+            },
+        )
         .expect("spawn");
         for (i, p) in packets.into_iter().enumerate() {
             t.try_push(opus_frame(p, i as i64 * 1800, 2))
@@ -1230,10 +1101,15 @@ mod tests {
     fn thread_wrapper_drops_when_full() {
         let packets = opus_packets(2, 50);
         let (gate_tx, gate_rx) = mpsc::channel::<()>();
-        let t = AudioTranscoder::spawn(AacSettings::default(), "full", 2, move |_f| {
-            // Block the worker on its first output so the queue fills up.
-            let _ = gate_rx.recv();
-        })
+        let t = AudioTranscoder::spawn(
+            OpusToAac::new(AacSettings::default()).unwrap(),
+            "full",
+            2,
+            move |_f| {
+                // Block the worker on its first output so the queue fills up.
+                let _ = gate_rx.recv();
+            },
+        )
         .expect("spawn");
         let mut full = 0;
         for (i, p) in packets.into_iter().enumerate() {

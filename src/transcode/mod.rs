@@ -5,6 +5,12 @@
 
 pub mod audio;
 pub mod rendition;
+pub mod video;
+pub mod worker;
+
+use ffmpeg_next as ff;
+
+use crate::media::frame::Codec;
 
 /// Initialise FFmpeg once per process. Cheap after the first call.
 pub(crate) fn init_ffmpeg() {
@@ -19,4 +25,32 @@ pub(crate) fn init_ffmpeg() {
         // through tracing instead.
         ffmpeg_next::log::set_level(ffmpeg_next::log::Level::Fatal);
     });
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TranscodeError {
+    #[error("invalid transcode settings: {0}")]
+    InvalidSettings(String),
+    #[error("codec not available in this FFmpeg build: {0}")]
+    CodecNotFound(&'static str),
+    #[error("{what}: {source}")]
+    Ffmpeg {
+        what: &'static str,
+        #[source]
+        source: ff::Error,
+    },
+    #[error("empty packet")]
+    EmptyPacket,
+    #[error("unexpected codec {0:?}")]
+    WrongCodec(Codec),
+    #[error("undecodable packet: {0}")]
+    Decode(#[source] ff::Error),
+    #[error("transcoder already flushed")]
+    Finished,
+    #[error("cannot spawn transcoder thread: {0}")]
+    Spawn(#[from] std::io::Error),
+}
+
+pub fn ffmpeg_err(what: &'static str) -> impl FnOnce(ff::Error) -> TranscodeError {
+    move |source| TranscodeError::Ffmpeg { what, source }
 }
