@@ -173,7 +173,9 @@ impl ToH264 {
             .map_err(ffmpeg_err("libx264 context"))?;
         let bitrate = s
             .bitrate
-            .unwrap_or_else(|| (u64::from(width) * u64::from(height) * 3 / 10) as u32)
+            .unwrap_or_else(|| {
+                (u64::from(width) * u64::from(height) * 3).min(u64::from(u32::MAX)) as u32
+            })
             .max(50_000);
         enc.set_width(width);
         enc.set_height(height);
@@ -419,6 +421,10 @@ mod tests {
             assert_eq!(i.pts, o.pts);
             assert_eq!(o.dts, o.pts, "zerolatency: no reordering");
         }
+        // The default rate: 0.1 bit per pixel at 30 fps, 230 kbit/s here.
+        let bits: usize = out.iter().map(|f| f.data.len() * 8).sum();
+        let rate = bits as f64 / 5.0;
+        assert!((115_000.0..370_000.0).contains(&rate), "{rate} bit/s");
         let keys: Vec<i64> = out.iter().filter(|f| f.key).map(|f| f.pts).collect();
         assert_eq!(keys, vec![0, 2 * CLOCK_HZ, 4 * CLOCK_HZ]);
         match &*out[0].params {
