@@ -124,6 +124,9 @@ pub(super) struct Driver {
     routes: HashMap<(Protocol, SocketAddr), String>,
     cert: Option<str0m::config::DtlsCert>,
     idle_timeout: Duration,
+    /// The earliest session deadline: until then only the sessions that
+    /// datagrams reach are run.
+    next_due: Instant,
     commands: mpsc::Receiver<Command>,
     commands_tx: mpsc::WeakSender<Command>,
 }
@@ -151,6 +154,7 @@ impl Driver {
             routes: HashMap::new(),
             cert,
             idle_timeout,
+            next_due: Instant::now(),
             commands,
             commands_tx,
         })
@@ -172,7 +176,11 @@ impl Driver {
                             let _ = done.send(());
                             return;
                         }
-                        Some(cmd) => self.command(cmd),
+                        Some(cmd) => {
+                            self.command(cmd);
+                            // A command may have made a session's work due.
+                            self.wake();
+                        }
                         None => return,
                     }
                 }
@@ -409,40 +417,35 @@ impl Driver {
     }
 
     /// Runs the sessions that have work: the one a datagram just reached
-    /// and those whose timer is due (never all of them for each packet).
+    /// and, once the earliest deadline has come, those whose timer is due.
+    /// A datagram costs one session's work, not a pass over all of them.
     /// Returns the earliest deadline.
     async fn drive(&mut self, now: Instant, touched: Option<String>) -> Instant {
-        let mut next = now + MAX_SLEEP;
         let mut dead = Vec::new();
         let mut out: Vec<Outgoing> = Vec::new();
-        for (id, s) in self.sessions.iter_mut() {
-            let due = s.next_timeout <= now;
-            if due || touched.as_deref() == Some(id.as_str()) {
-                if now.duration_since(s.last_input) > self.idle_timeout {
-                    s.close("client went silent (no consent checks or media)");
-                    dead.push(id.clone());
-                    continue;
-                }
-                if !s.connected && now.duration_since(s.created) > HANDSHAKE_TIMEOUT {
-                    s.close("ICE/DTLS did not complete in time");
-                    dead.push(id.clone());
-                    continue;
-                }
-                match poll_session(s, now, due, &mut out) {
-                    // Wake up at least every MAX_SLEEP for the idle check.
-                    Ok(Some(t)) => s.next_timeout = t.min(now + MAX_SLEEP),
-                    Ok(None) => {
-                        dead.push(id.clone());
-                        continue;
-                    }
-                    Err(reason) => {
-                        s.close(&reason);
-                        dead.push(id.clone());
-                        continue;
+        let idle_timeout = self.idle_timeout;
+        if now < self.next_due {
+            if let Some(id) = touched {
+                if let Some(s) = self.sessions.get_mut(&id) {
+                    if step(s, now, false, idle_timeout, &mut out) {
+                        self.next_due = self.next_due.min(s.next_timeout);
+                    } else {
+                        dead.push(id);
                     }
                 }
             }
-            next = next.min(s.next_timeout);
+        } else {
+            let mut next = now + MAX_SLEEP;
+            for (id, s) in self.sessions.iter_mut() {
+                let due = s.next_timeout <= now;
+                let run = due || touched.as_deref() == Some(id.as_str());
+                if run && !step(s, now, due, idle_timeout, &mut out) {
+                    dead.push(id.clone());
+                    continue;
+                }
+                next = next.min(s.next_timeout);
+            }
+            self.next_due = next;
         }
         for id in dead {
             self.sessions.remove(&id);
@@ -462,7 +465,43 @@ impl Driver {
                 tracing::debug!(%dest, error = %e, "udp send failed");
             }
         }
-        next.max(now)
+        self.next_due.max(now)
+    }
+
+    /// A command made a session's work due now.
+    fn wake(&mut self) {
+        self.next_due = Instant::now();
+    }
+}
+
+/// One session's turn: its idle and handshake deadlines, then its state
+/// machine. False when the session ended.
+fn step(
+    s: &mut Session,
+    now: Instant,
+    due: bool,
+    idle_timeout: Duration,
+    out: &mut Vec<Outgoing>,
+) -> bool {
+    if now.duration_since(s.last_input) > idle_timeout {
+        s.close("client went silent (no consent checks or media)");
+        return false;
+    }
+    if !s.connected && now.duration_since(s.created) > HANDSHAKE_TIMEOUT {
+        s.close("ICE/DTLS did not complete in time");
+        return false;
+    }
+    match poll_session(s, now, due, out) {
+        // Wake up at least every MAX_SLEEP for the idle check.
+        Ok(Some(t)) => {
+            s.next_timeout = t.min(now + MAX_SLEEP);
+            true
+        }
+        Ok(None) => false,
+        Err(reason) => {
+            s.close(&reason);
+            false
+        }
     }
 }
 
