@@ -5,7 +5,8 @@ set -euo pipefail
 pkgs=(pkg-config clang libclang-dev
       libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libswresample-dev
       libavfilter-dev libavdevice-dev libssl-dev ffmpeg curl ca-certificates
-      nginx libnginx-mod-rtmp libnginx-mod-stream openssl)
+      nginx libnginx-mod-rtmp libnginx-mod-stream openssl
+      chromium)  # tests/browser.rs: the web console in headless Chromium (H264 WebRTC, hls.js)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

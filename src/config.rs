@@ -99,6 +99,10 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Preset files (`NAME.toml`) that add to or replace the shipped ones.
     pub presets_dir: PathBuf,
+    /// Streams created or changed through the API (`PUT
+    /// /api/v1/streams/NAME`), kept across restarts; default
+    /// `DATA_DIR/streams.json`.
+    pub state_file: Option<PathBuf>,
 }
 
 /// A token bucket per client IP address over WHIP `POST`, `PATCH` and
@@ -175,6 +179,7 @@ impl Default for ServerConfig {
             rate_limit: RateLimitConfig::default(),
             max_connections: 4096,
             presets_dir: PathBuf::from(DEFAULT_PRESETS_DIR),
+            state_file: None,
         }
     }
 }
@@ -222,7 +227,7 @@ pub struct IceServer {
     pub credential: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HlsConfig {
     /// Segment target duration, seconds: segments are cut on the first
@@ -233,6 +238,47 @@ pub struct HlsConfig {
     /// Segments kept on disk after they leave the playlist (for players that
     /// are a little behind).
     pub keep_extra: usize,
+    /// Container and flavour of the HLS (`streams.NAME.hls.format` overrides
+    /// it per stream).
+    pub format: HlsFormat,
+    /// LL-HLS part target duration (`EXT-X-PART-INF:PART-TARGET`), seconds:
+    /// no part is longer, and every video keyframe starts a new part.
+    pub part_duration: f64,
+}
+
+/// What the HLS output writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HlsFormat {
+    /// MPEG-TS segments (`segN.ts`), playlist version 3: plays everywhere;
+    /// carries no Opus.
+    #[default]
+    Mpegts,
+    /// Fragmented MP4 / CMAF: an init segment (`initN.mp4`, `EXT-X-MAP`) and
+    /// `segN.m4s` media segments, playlist version 7; carries Opus too.
+    Fmp4,
+    /// fMP4 plus Low-Latency HLS: parts of `part_duration`, blocking playlist
+    /// reload, preload hints and delta updates.
+    Llhls,
+}
+
+impl HlsFormat {
+    /// Fragmented MP4 segments (`fmp4` and `llhls`).
+    pub fn is_fmp4(self) -> bool {
+        self != HlsFormat::Mpegts
+    }
+
+    pub fn is_low_latency(self) -> bool {
+        self == HlsFormat::Llhls
+    }
+}
+
+/// `[streams.NAME.hls]`: HLS settings of one stream over `[hls]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamHlsConfig {
+    /// This stream's format instead of `hls.format`.
+    pub format: Option<HlsFormat>,
 }
 
 impl Default for HlsConfig {
@@ -241,6 +287,8 @@ impl Default for HlsConfig {
             segment_duration: 2.0,
             playlist_size: 6,
             keep_extra: 2,
+            format: HlsFormat::Mpegts,
+            part_duration: 0.2,
         }
     }
 }
@@ -248,6 +296,32 @@ impl Default for HlsConfig {
 impl HlsConfig {
     pub fn target(&self) -> Duration {
         Duration::from_secs_f64(self.segment_duration)
+    }
+
+    /// The LL-HLS part target duration.
+    pub fn part_target(&self) -> Duration {
+        Duration::from_secs_f64(self.part_duration)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(0.5..=30.0).contains(&self.segment_duration) {
+            return Err(invalid(
+                "hls.segment_duration",
+                "must be between 0.5 and 30 seconds",
+            ));
+        }
+        if !(1..=100).contains(&self.playlist_size) {
+            return Err(invalid("hls.playlist_size", "must be between 1 and 100"));
+        }
+        if !(0.1..=2.0).contains(&self.part_duration)
+            || self.part_duration * 2.0 > self.segment_duration
+        {
+            return Err(invalid(
+                "hls.part_duration",
+                "must be between 0.1 and 2 seconds and at most half of hls.segment_duration",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -278,6 +352,8 @@ pub struct StreamConfig {
     /// RTMP/RTMPS targets every publication is pushed to; `{stream}` is
     /// replaced by the stream name.
     pub push: Vec<String>,
+    /// HLS settings of this stream over `[hls]`.
+    pub hls: StreamHlsConfig,
 }
 
 impl Default for StreamConfig {
@@ -288,6 +364,7 @@ impl Default for StreamConfig {
             preset: "passthrough".into(),
             takeover: Takeover::Stale,
             push: Vec::new(),
+            hls: StreamHlsConfig::default(),
         }
     }
 }
@@ -456,16 +533,7 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let h = &self.hls;
-        if !(0.5..=30.0).contains(&h.segment_duration) {
-            return Err(invalid(
-                "hls.segment_duration",
-                "must be between 0.5 and 30 seconds",
-            ));
-        }
-        if !(1..=100).contains(&h.playlist_size) {
-            return Err(invalid("hls.playlist_size", "must be between 1 and 100"));
-        }
+        self.hls.validate()?;
         if self.server.max_body_bytes < 1024 {
             return Err(invalid("server.max_body_bytes", "must be at least 1024"));
         }
@@ -546,28 +614,7 @@ impl Config {
                 .map(|(n, s)| (format!("streams.{n}"), s)),
         );
         for (key, s) in streams {
-            if s.tokens.iter().any(|t| t.len() < 8) {
-                return Err(invalid(
-                    format!("{key}.tokens"),
-                    "tokens must be at least 8 characters",
-                ));
-            }
-            for (i, url) in s.push.iter().enumerate() {
-                if let Err(e) = crate::rtmp::target::Target::parse(&url.replace("{stream}", "x")) {
-                    return Err(invalid(format!("{key}.push[{i}]"), e.to_string()));
-                }
-            }
-            if self.presets.get(&s.preset).is_none() {
-                let available: Vec<_> = self.presets.names().collect();
-                return Err(invalid(
-                    format!("{key}.preset"),
-                    format!(
-                        "unknown preset `{}` (available: {})",
-                        s.preset,
-                        available.join(", ")
-                    ),
-                ));
-            }
+            self.validate_stream(&format!("{key}."), s)?;
         }
         if self.auth.tokens.iter().any(|t| t.len() < 8) {
             return Err(invalid(
@@ -587,6 +634,42 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Checks one stream's settings (from the file or the API); error keys
+    /// are `prefix` + the field (`streams.cam.` + `preset`).
+    pub fn validate_stream(&self, prefix: &str, s: &StreamConfig) -> Result<(), ConfigError> {
+        if s.tokens.iter().any(|t| t.len() < 8) {
+            return Err(invalid(
+                format!("{prefix}tokens"),
+                "tokens must be at least 8 characters",
+            ));
+        }
+        for (i, url) in s.push.iter().enumerate() {
+            if let Err(e) = crate::rtmp::target::Target::parse(&url.replace("{stream}", "x")) {
+                return Err(invalid(format!("{prefix}push[{i}]"), e.to_string()));
+            }
+        }
+        if self.presets.get(&s.preset).is_none() {
+            let available: Vec<_> = self.presets.names().collect();
+            return Err(invalid(
+                format!("{prefix}preset"),
+                format!(
+                    "unknown preset `{}` (available: {})",
+                    s.preset,
+                    available.join(", ")
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Where the streams defined through the API are kept.
+    pub fn state_file(&self) -> PathBuf {
+        self.server
+            .state_file
+            .clone()
+            .unwrap_or_else(|| self.server.data_dir.join("streams.json"))
     }
 
     fn validate_cluster(&self) -> Result<(), ConfigError> {
@@ -674,10 +757,31 @@ impl Config {
         self.streams.get(name).unwrap_or(&self.stream_defaults)
     }
 
+    /// The HLS settings of a stream name: `[hls]` with the stream's own
+    /// `hls` table over it.
+    pub fn hls_for(&self, stream: &str) -> HlsConfig {
+        self.hls_with(self.stream(stream))
+    }
+
+    /// `[hls]` with the `hls` table of the stream settings `s` over it.
+    pub fn hls_with(&self, s: &StreamConfig) -> HlsConfig {
+        let mut hls = self.hls.clone();
+        if let Some(format) = s.hls.format {
+            hls.format = format;
+        }
+        hls
+    }
+
     /// The preset of a stream name (validated to exist; the shipped
     /// default otherwise).
     pub fn preset(&self, stream: &str) -> std::sync::Arc<crate::preset::Preset> {
-        let name = &self.stream(stream).preset;
+        self.preset_with(self.stream(stream))
+    }
+
+    /// The preset the stream settings `s` name (the shipped default when
+    /// there is no such preset; settings are validated before use).
+    pub fn preset_with(&self, s: &StreamConfig) -> std::sync::Arc<crate::preset::Preset> {
+        let name = &s.preset;
         match self.presets.get(name) {
             Some(p) => p.clone(),
             None => crate::preset::Presets::shipped()
@@ -818,6 +922,38 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.stream("cam").tokens, vec!["camtoken1"]);
         assert_eq!(c.stream("other").tokens, vec!["default-token"]);
+    }
+
+    #[test]
+    fn hls_format_global_and_per_stream() {
+        let c = Config::load(None, &Overrides::default()).unwrap();
+        assert_eq!(c.hls.format, HlsFormat::Mpegts);
+        assert_eq!(c.hls.part_target(), Duration::from_millis(200));
+        let c = Config::parse(
+            "[hls]\nformat = \"fmp4\"\n[streams.ll]\nhls.format = \"llhls\"\n\
+             [streams.ts.hls]\nformat = \"mpegts\"\n",
+            "t",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.hls_for("other").format, HlsFormat::Fmp4);
+        assert_eq!(c.hls_for("ll").format, HlsFormat::Llhls);
+        assert_eq!(c.hls_for("ts").format, HlsFormat::Mpegts);
+        assert!(c.hls_for("ll").format.is_fmp4() && c.hls_for("ll").format.is_low_latency());
+        let c = Config::parse("[stream_defaults.hls]\nformat = \"llhls\"\n", "t").unwrap();
+        assert_eq!(c.hls_for("any").format, HlsFormat::Llhls);
+
+        let e = Config::parse("[hls]\nformat = \"dash\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("dash"), "{e}");
+        let e = Config::parse("[streams.a.hls]\nformt = \"fmp4\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("formt"), "{e}");
+        for bad in ["part_duration = 0.05", "part_duration = 1.5"] {
+            let c = Config::parse(&format!("[hls]\n{bad}\n"), "t").unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("hls.part_duration"), "{bad}: {e}");
+        }
+        let c = Config::parse("[hls]\nsegment_duration = 1.0\npart_duration = 0.5\n", "t");
+        c.unwrap().validate().unwrap();
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub enum AppError {
     Forbidden(String),
     #[error("no such resource")]
     NotFound,
+    /// 404 saying what is missing.
+    #[error("{0}")]
+    NotFoundDetail(String),
     #[error("stream `{0}` already has a publisher")]
     StreamBusy(String),
     #[error("server is at capacity")]
@@ -54,7 +57,7 @@ impl AppError {
             AppError::Unacceptable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::Unauthorized => StatusCode::UNAUTHORIZED,
             AppError::StreamDisabled(_) | AppError::Forbidden(_) => StatusCode::FORBIDDEN,
-            AppError::NotFound => StatusCode::NOT_FOUND,
+            AppError::NotFound | AppError::NotFoundDetail(_) => StatusCode::NOT_FOUND,
             AppError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             AppError::Redirect(_) => StatusCode::TEMPORARY_REDIRECT,
             AppError::StreamBusy(_) => StatusCode::CONFLICT,

@@ -31,6 +31,20 @@ pub struct HubFrame {
     pub frame: Frame,
 }
 
+/// What the WebRTC side measured of the publisher's media (video when it
+/// sends video, else audio), every few seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct IngressStats {
+    /// Fraction of RTP packets lost, 0 to 1, after retransmissions.
+    pub loss: f32,
+    pub packets: u64,
+    pub bytes: u64,
+    /// NACKs sent to ask for lost packets again.
+    pub nacks: u64,
+    /// Round-trip time to the publisher, ms.
+    pub rtt_ms: Option<f64>,
+}
+
 /// Asks the current publisher for a keyframe (PLI).
 pub type KeyframeRequester = Box<dyn Fn() + Send + Sync>;
 
@@ -69,6 +83,7 @@ pub struct Hub {
     created: Instant,
     /// Milliseconds after `created` of the last published frame.
     last_frame_ms: AtomicU64,
+    ingress: Mutex<Option<IngressStats>>,
     /// Frames published, per codec (indexed by [`codec_index`]).
     published: [Counter; 4],
 }
@@ -117,6 +132,7 @@ impl Hub {
             dropped_total: AtomicU64::new(0),
             created: Instant::now(),
             last_frame_ms: AtomicU64::new(0),
+            ingress: Mutex::new(None),
             published: [Codec::H264, Codec::Opus, Codec::Aac, Codec::Vp8]
                 .map(|c| telemetry::frames_published(name, c)),
         })
@@ -185,6 +201,17 @@ impl Hub {
 
     pub fn publication(&self) -> Option<Publication> {
         *self.state.borrow()
+    }
+
+    /// The publisher's latest receive statistics.
+    pub fn set_ingress(&self, stats: IngressStats) {
+        *self.ingress.lock().unwrap_or_else(|p| p.into_inner()) = Some(stats);
+    }
+
+    /// Receive statistics of the current publisher, when known.
+    pub fn ingress(&self) -> Option<IngressStats> {
+        self.publication()?;
+        *self.ingress.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Hands a frame to every reader that wants its codec. Never blocks.

@@ -15,6 +15,7 @@ pub mod publish;
 pub mod rtc;
 pub mod rtmp;
 pub mod server;
+pub mod state;
 pub mod streams;
 pub mod telemetry;
 pub mod tls;

@@ -17,8 +17,24 @@ struct Cli {
     /// Log filter (RUST_LOG syntax).
     #[arg(long, global = true, env = "WHIPGATE_LOG", default_value = "info")]
     log: String,
+    /// Log line format: `text` (human-readable) or `json` (one object a
+    /// line, with the current span and its parents).
+    #[arg(
+        long,
+        global = true,
+        env = "WHIPGATE_LOG_FORMAT",
+        value_enum,
+        default_value_t = LogFormat::Text
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -45,10 +61,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(&cli.log, cli.log_format);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {
         Command::Serve { config, overrides } => {
@@ -58,11 +71,15 @@ fn main() -> anyhow::Result<()> {
         Command::CheckConfig { config, overrides } => {
             // Loads (and so validates) every preset file too.
             let c = Config::load(config.as_deref(), &overrides)?;
+            // And the streams defined through the API, as `serve` loads them.
+            let state = whipgate::state::StreamStore::open(&c)?;
             eprintln!(
-                "config OK: HTTP {}, WebRTC UDP {}, {} stream(s) configured, presets: {}",
+                "config OK: HTTP {}, WebRTC UDP {}, {} stream(s) configured, {} defined through the API ({}), presets: {}",
                 c.server.http_listen,
                 c.webrtc.udp_listen,
                 c.streams.len(),
+                state.names().len(),
+                c.state_file().display(),
                 c.presets.names().collect::<Vec<_>>().join(", ")
             );
             Ok(())
@@ -72,5 +89,23 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Publish(args) => runtime.block_on(publish::run(args)),
+    }
+}
+
+/// Logs go to stderr, filtered by `filter`. In JSON every line is one
+/// object: `timestamp`, `level`, `target`, `fields` (with `message`),
+/// `span` (the innermost span and its fields, e.g. a session's `stream` and
+/// `session`) and `spans` (all of them, outermost first).
+fn init_logging(filter: &str, format: LogFormat) {
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
     }
 }

@@ -8,7 +8,7 @@ use axum::serve::Listener;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::{cluster, http, rtc, streams, tls};
+use crate::{cluster, http, rtc, state, streams, tls};
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
@@ -37,7 +37,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         )
     })?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let streams = streams::Streams::new(config.clone(), shutdown_rx.clone());
+    let store = state::StreamStore::open(&config)?;
+    let streams =
+        streams::Streams::with_store(config.clone(), Arc::new(store), shutdown_rx.clone());
     let cluster = cluster::Cluster::new(&config.cluster);
     cluster.spawn_polling(shutdown_rx);
     let app = http::router(http::AppState {

@@ -4,20 +4,24 @@
 //! discontinuity).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use serde::Serialize;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
+use crate::config::{Config, HlsConfig, StreamConfig};
 use crate::error::AppError;
 use crate::hub::Hub;
+use crate::media::frame::{Codec, CodecParams, TrackKind};
 use crate::preset::{AudioMode, Preset, VideoMode};
 use crate::rtmp::push::{self, PushHandle, PushOptions};
 use crate::rtmp::target::Target;
-use crate::{hls, transcode};
+use crate::state::StreamStore;
+use crate::{hls, telemetry, transcode};
 
 /// A publishing session as the HTTP layer sees it.
 #[derive(Debug)]
@@ -28,6 +32,8 @@ pub struct SessionInfo {
     pub etag: Mutex<String>,
     pub publication_id: u64,
     pub created: Instant,
+    /// The publisher's address, as the HTTP server saw it.
+    pub client_ip: Option<IpAddr>,
 }
 
 impl SessionInfo {
@@ -41,6 +47,10 @@ pub struct Stream {
     pub hub: Arc<Hub>,
     /// What the outputs are made of (`streams.NAME.preset`).
     pub preset: Arc<Preset>,
+    /// The HLS settings the HLS output runs with.
+    pub hls: HlsConfig,
+    /// What the publisher sends, measured on the hub.
+    pub media: Arc<Mutex<LiveMedia>>,
     /// The current publishing session, if any.
     pub session: Mutex<Option<Arc<SessionInfo>>>,
     /// RTMP push targets, from the config and the API.
@@ -48,16 +58,81 @@ pub struct Stream {
     /// Held while a publication is negotiated.
     pub negotiating: tokio::sync::Mutex<()>,
     outputs: Mutex<Vec<JoinHandle<()>>>,
+    /// Ends this stream's outputs (it is replaced by one with new settings).
+    retire: Arc<Notify>,
+    /// Set on shutdown or when the stream is retired: its outputs end.
+    stop: watch::Receiver<bool>,
+}
+
+impl Stream {
+    /// A publisher is connected or connecting.
+    pub fn busy(&self) -> bool {
+        lock(&self.session).is_some()
+            || self.hub.publication().is_some()
+            || self.negotiating.try_lock().is_err()
+    }
 }
 
 /// One push target of a stream.
 pub struct PushEntry {
     pub id: u64,
     pub handle: PushHandle,
+    /// The destination (its key is secret: show `target.masked()`).
+    pub target: Target,
+    /// From the stream's settings (`push`), not added with `POST
+    /// .../push`: replaced when the settings change.
+    pub from_settings: bool,
+}
+
+/// Where a stream's settings come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SettingsSource {
+    /// Created or changed through the API (kept in the state file).
+    Api,
+    /// `[streams.NAME]` of the config file.
+    Config,
+    /// `[stream_defaults]`.
+    Defaults,
+}
+
+/// What a stream's current publisher sends, measured on the hub over the
+/// last couple of seconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LiveMedia {
+    /// The publication these figures are about.
+    #[serde(skip)]
+    pub publication: Option<u64>,
+    pub video: Option<VideoStats>,
+    pub audio: Option<AudioStats>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct VideoStats {
+    pub codec: &'static str,
+    pub width: u32,
+    pub height: u32,
+    /// Frames per second.
+    pub frame_rate: f64,
+    /// Bits per second of the published video (payload, no RTP overhead).
+    pub bitrate: u64,
+    /// Keyframes seen since the publication started.
+    pub keyframes: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AudioStats {
+    pub codec: &'static str,
+    pub sample_rate: u32,
+    pub channels: u8,
+    /// Bits per second of the published audio (payload).
+    pub bitrate: u64,
 }
 
 pub struct Streams {
     config: Arc<Config>,
+    /// Streams defined through the API, over the config's `[streams]`.
+    store: Arc<StreamStore>,
     streams: Mutex<HashMap<String, Arc<Stream>>>,
     sessions: Mutex<HashMap<String, Arc<SessionInfo>>>,
     next_publication: AtomicU64,
@@ -66,9 +141,19 @@ pub struct Streams {
 }
 
 impl Streams {
+    /// Streams whose API-defined settings are kept in memory only.
     pub fn new(config: Arc<Config>, shutdown: watch::Receiver<bool>) -> Arc<Self> {
+        Self::with_store(config, Arc::new(StreamStore::in_memory()), shutdown)
+    }
+
+    pub fn with_store(
+        config: Arc<Config>,
+        store: Arc<StreamStore>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             config,
+            store,
             streams: Mutex::new(HashMap::new()),
             sessions: Mutex::new(HashMap::new()),
             next_publication: AtomicU64::new(1),
@@ -81,14 +166,72 @@ impl Streams {
         &self.config
     }
 
+    pub fn store(&self) -> &Arc<StreamStore> {
+        &self.store
+    }
+
+    /// The settings of stream `name` now: defined through the API, else
+    /// the config file's.
+    pub fn settings(&self, name: &str) -> StreamConfig {
+        self.store
+            .get(name)
+            .unwrap_or_else(|| self.config.stream(name).clone())
+    }
+
+    pub fn settings_source(&self, name: &str) -> SettingsSource {
+        if self.store.contains(name) {
+            SettingsSource::Api
+        } else if self.config.streams.contains_key(name) {
+            SettingsSource::Config
+        } else {
+            SettingsSource::Defaults
+        }
+    }
+
+    /// True when the running stream's outputs were made for other settings
+    /// than its current ones (preset, HLS): they are remade when it next
+    /// starts without a publisher.
+    pub fn outdated(&self, stream: &Stream) -> bool {
+        let settings = self.settings(&stream.name);
+        self.config.preset_with(&settings).name != stream.preset.name
+            || self.config.hls_with(&settings) != stream.hls
+    }
+
     /// The stream called `name`, created with its outputs on first use.
+    /// A stream whose settings changed (API) and that has no publisher is
+    /// replaced by one made with the new settings: its playlist ends, the
+    /// new one starts in the same directory, push targets added through
+    /// the API move over.
     pub fn get_or_create(&self, name: &str) -> Arc<Stream> {
         let mut streams = lock(&self.streams);
+        let mut previous = None;
         if let Some(s) = streams.get(name) {
-            return s.clone();
+            if s.busy() || !self.outdated(s) {
+                return s.clone();
+            }
+            previous = streams.remove(name);
         }
+        let settings = self.settings(name);
         let hub = Hub::new(name);
-        let preset = self.config.preset(name);
+        let preset = self.config.preset_with(&settings);
+        let hls_config = self.config.hls_with(&settings);
+        // The old outputs end first (the HLS output ends its playlist in
+        // the directory the new one takes over); API push targets move.
+        let mut old_outputs = Vec::new();
+        let mut moved_pushes = Vec::new();
+        if let Some(old) = previous {
+            tracing::info!(stream = name, preset = %preset.name, "stream settings changed: outputs remade");
+            old.retire.notify_one();
+            old_outputs = std::mem::take(&mut *lock(&old.outputs));
+            for p in std::mem::take(&mut *lock(&old.pushes)) {
+                p.handle.stop();
+                if !p.from_settings {
+                    moved_pushes.push((p.id, p.target));
+                }
+            }
+        }
+        let retire = Arc::new(Notify::new());
+        let stop = stop_signal(self.shutdown.clone(), retire.clone());
         if preset.video.mode == VideoMode::Transcode {
             tracing::warn!(
                 stream = name,
@@ -103,14 +246,14 @@ impl Streams {
             outputs.push(tokio::spawn(transcode::rendition::run_aac(
                 hub.clone(),
                 settings,
-                self.shutdown.clone(),
+                stop.clone(),
             )));
         }
         // A VP8 publisher's video becomes H264 (idle for H264 publishers),
         // with keyframes on the HLS segment grid.
         if preset.video.encodes_vp8() {
             let settings = transcode::video::VideoSettings {
-                keyframe_interval: (self.config.hls.segment_duration
+                keyframe_interval: (hls_config.segment_duration
                     * crate::media::frame::CLOCK_HZ as f64)
                     .round() as i64,
                 ..Default::default()
@@ -118,34 +261,104 @@ impl Streams {
             outputs.push(tokio::spawn(transcode::rendition::run_h264(
                 hub.clone(),
                 settings,
-                self.shutdown.clone(),
+                stop.clone(),
             )));
         }
-        outputs.push(tokio::spawn(hls::output::run(
+        let hls_output = hls::output::run(
             hub.clone(),
-            self.config.hls.clone(),
+            hls_config.clone(),
             self.config.server.data_dir.join("hls").join(name),
             output_tracks(&preset),
-            self.shutdown.clone(),
+            stop.clone(),
+        );
+        outputs.push(tokio::spawn(async move {
+            for h in old_outputs {
+                let _ = h.await;
+            }
+            hls_output.await;
+        }));
+        let media = Arc::new(Mutex::new(LiveMedia::default()));
+        outputs.push(tokio::spawn(measure(
+            hub.clone(),
+            media.clone(),
+            stop.clone(),
         )));
         let stream = Arc::new(Stream {
             name: name.to_owned(),
             hub,
             preset,
+            hls: hls_config,
+            media,
             session: Mutex::new(None),
             pushes: Mutex::new(Vec::new()),
             negotiating: tokio::sync::Mutex::new(()),
             outputs: Mutex::new(outputs),
+            retire,
+            stop,
         });
         streams.insert(name.to_owned(), stream.clone());
         drop(streams);
-        for url in &self.config.stream(name).push {
-            let url = url.replace("{stream}", name);
-            if let Err(e) = self.add_push(&stream, &url) {
-                tracing::error!(stream = name, error = %e, "push target not started");
-            }
+        self.start_settings_pushes(&stream, &settings);
+        for (id, target) in moved_pushes {
+            self.spawn_push(&stream, id, target, false);
         }
         stream
+    }
+
+    fn start_settings_pushes(&self, stream: &Stream, settings: &StreamConfig) {
+        for url in &settings.push {
+            let url = url.replace("{stream}", &stream.name);
+            match Target::parse(&url) {
+                Ok(target) => {
+                    let id = self.next_push.fetch_add(1, Ordering::Relaxed);
+                    self.spawn_push(stream, id, target, true);
+                }
+                Err(e) => {
+                    tracing::error!(stream = %stream.name, error = %e, "push target not started")
+                }
+            }
+        }
+    }
+
+    /// Makes the running stream `name` (if any) push to the targets of its
+    /// current settings: targets no longer listed stop, new ones start,
+    /// unchanged ones go on undisturbed. Targets added with `POST .../push`
+    /// are left alone.
+    pub fn apply_push_settings(&self, name: &str) {
+        let Some(stream) = self.get(name) else { return };
+        let wanted: Vec<String> = self
+            .settings(name)
+            .push
+            .iter()
+            .map(|u| u.replace("{stream}", name))
+            .collect();
+        let mut have = Vec::new();
+        lock(&stream.pushes).retain(|p| {
+            if !p.from_settings {
+                return true;
+            }
+            let url = p.target.url();
+            if wanted.contains(&url) && !have.contains(&url) {
+                have.push(url);
+                true
+            } else {
+                p.handle.stop();
+                false
+            }
+        });
+        for url in wanted {
+            if have.contains(&url) {
+                continue;
+            }
+            have.push(url.clone());
+            match Target::parse(&url) {
+                Ok(target) => {
+                    let id = self.next_push.fetch_add(1, Ordering::Relaxed);
+                    self.spawn_push(&stream, id, target, true);
+                }
+                Err(e) => tracing::error!(stream = name, error = %e, "push target not started"),
+            }
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Stream>> {
@@ -164,6 +377,11 @@ impl Streams {
     pub fn add_push(&self, stream: &Stream, url: &str) -> Result<u64, AppError> {
         let target = Target::parse(url).map_err(|e| AppError::BadRequest(e.to_string()))?;
         let id = self.next_push.fetch_add(1, Ordering::Relaxed);
+        self.spawn_push(stream, id, target, false);
+        Ok(id)
+    }
+
+    fn spawn_push(&self, stream: &Stream, id: u64, target: Target, from_settings: bool) {
         let tracks = output_tracks(&stream.preset);
         let options = PushOptions {
             ca_file: self.config.rtmp.ca_file.clone(),
@@ -171,9 +389,18 @@ impl Streams {
             audio: tracks.audio,
             ..Default::default()
         };
-        let handle = push::spawn(stream.hub.clone(), target, options, self.shutdown.clone());
-        lock(&stream.pushes).push(PushEntry { id, handle });
-        Ok(id)
+        let handle = push::spawn(
+            stream.hub.clone(),
+            target.clone(),
+            options,
+            stream.stop.clone(),
+        );
+        lock(&stream.pushes).push(PushEntry {
+            id,
+            handle,
+            target,
+            from_settings,
+        });
     }
 
     /// Stops and forgets a push target; false when there is no such id.
@@ -236,6 +463,100 @@ impl Streams {
     }
 }
 
+/// A signal that turns true on shutdown or when `retire` is notified.
+fn stop_signal(mut shutdown: watch::Receiver<bool>, retire: Arc<Notify>) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(*shutdown.borrow());
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => {}
+            _ = retire.notified() => {}
+        }
+        tx.send_replace(true);
+        // Held until every output has seen it.
+        tx.closed().await;
+    });
+    rx
+}
+
+/// How long the figures of [`LiveMedia`] are measured over.
+const MEASURE_WINDOW: Duration = Duration::from_secs(2);
+
+/// A hub reader that measures what the publisher sends (codecs, size,
+/// frame rate, bitrates) into `media`.
+async fn measure(hub: Arc<Hub>, media: Arc<Mutex<LiveMedia>>, mut stop: watch::Receiver<bool>) {
+    static CODECS: &[Codec] = &[Codec::H264, Codec::Vp8, Codec::Opus];
+    let mut sub = hub.subscribe("stats", CODECS, 256);
+    let mut window = Instant::now();
+    let (mut video_bytes, mut video_frames, mut audio_bytes) = (0u64, 0u64, 0u64);
+    loop {
+        tokio::select! {
+            frame = sub.frames.recv() => {
+                let Some(f) = frame else { break };
+                let mut m = lock(&media);
+                if m.publication != Some(f.publication.id) {
+                    *m = LiveMedia { publication: Some(f.publication.id), ..Default::default() };
+                    window = Instant::now();
+                    (video_bytes, video_frames, audio_bytes) = (0, 0, 0);
+                }
+                // A VP8 publisher's video comes back as H264 from the
+                // transcoder: what is measured is what was published.
+                let vp8 = m.video.as_ref().is_some_and(|v| v.codec == "vp8");
+                if vp8 && f.frame.codec() == Codec::H264 {
+                    continue;
+                }
+                let codec = telemetry::codec_name(f.frame.codec());
+                let size = f.frame.data.len() as u64;
+                match f.frame.codec().kind() {
+                    TrackKind::Video => {
+                        video_bytes += size;
+                        video_frames += 1;
+                        let v = m.video.get_or_insert_with(VideoStats::default);
+                        v.codec = codec;
+                        if let CodecParams::H264 { width, height, .. }
+                        | CodecParams::Vp8 { width, height } = *f.frame.params
+                        {
+                            (v.width, v.height) = (width, height);
+                        }
+                        v.keyframes += u64::from(f.frame.key);
+                    }
+                    TrackKind::Audio => {
+                        audio_bytes += size;
+                        let a = m.audio.get_or_insert_with(AudioStats::default);
+                        a.codec = codec;
+                        if let CodecParams::Opus { sample_rate, channels }
+                        | CodecParams::Aac { sample_rate, channels, .. } = *f.frame.params
+                        {
+                            (a.sample_rate, a.channels) = (sample_rate, channels);
+                        }
+                    }
+                }
+                let elapsed = window.elapsed();
+                if elapsed >= MEASURE_WINDOW {
+                    let secs = elapsed.as_secs_f64();
+                    if let Some(v) = m.video.as_mut() {
+                        v.frame_rate = (video_frames as f64 / secs * 10.0).round() / 10.0;
+                        v.bitrate = (video_bytes as f64 * 8.0 / secs) as u64;
+                    }
+                    if let Some(a) = m.audio.as_mut() {
+                        a.bitrate = (audio_bytes as f64 * 8.0 / secs) as u64;
+                    }
+                    window = Instant::now();
+                    (video_bytes, video_frames, audio_bytes) = (0, 0, 0);
+                }
+            }
+            changed = sub.state.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                if sub.state.borrow_and_update().is_none() {
+                    *lock(&media) = LiveMedia::default();
+                }
+            }
+            _ = stop.changed() => break,
+        }
+    }
+}
+
 /// The tracks MPEG-TS HLS and RTMP pushes get under a preset: the video unless
 /// dropped (encoded renditions are not made yet: the published video), the
 /// audio only as AAC.
@@ -243,6 +564,7 @@ fn output_tracks(preset: &Preset) -> hls::output::Tracks {
     hls::output::Tracks {
         video: preset.video.mode != VideoMode::Drop,
         audio: preset.audio.mode == AudioMode::Aac,
+        opus: preset.audio.mode == AudioMode::Copy,
     }
 }
 

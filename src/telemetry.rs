@@ -19,6 +19,9 @@ const PACKETS_IN: &str = "whipgate_packets_in_total";
 const KEYFRAME_REQUESTS: &str = "whipgate_keyframe_requests_total";
 const PACKETS_DROPPED: &str = "whipgate_packets_dropped_total";
 const MEDIA_DROPPED: &str = "whipgate_media_dropped_total";
+const NACKS_SENT: &str = "whipgate_nacks_sent_total";
+const PACKET_LOSS: &str = "whipgate_packet_loss_ratio";
+const TRANSCODE_LAG: &str = "whipgate_transcode_lag_seconds";
 const ICE_RESTARTS: &str = "whipgate_ice_restarts_total";
 const RATE_LIMITED: &str = "whipgate_http_rate_limited_total";
 const REDIRECTS: &str = "whipgate_whip_redirects_total";
@@ -69,6 +72,16 @@ fn describe() {
         MEDIA_DROPPED,
         "Media frames of publishers dropped at ingest, by reason"
     );
+    describe_counter!(NACKS_SENT, "NACKs sent to publishers for lost packets");
+    describe_gauge!(
+        PACKET_LOSS,
+        "Fraction of the publisher's RTP packets lost, per stream (last report)"
+    );
+    describe_gauge!(
+        TRANSCODE_LAG,
+        Unit::Seconds,
+        "Time the last frame waited in a transcoder's queue"
+    );
     describe_counter!(ICE_RESTARTS, "ICE restarts asked by publishers");
     describe_counter!(
         RATE_LIMITED,
@@ -102,6 +115,7 @@ pub struct Counters {
     pub bytes_in: Counter,
     pub packets_in: Counter,
     pub keyframe_requests: Counter,
+    pub nacks_sent: Counter,
     pub ice_restarts: Counter,
     pub rate_limited: Counter,
     pub redirects: Counter,
@@ -118,6 +132,7 @@ pub fn counters() -> &'static Counters {
             bytes_in: counter!(BYTES_IN),
             packets_in: counter!(PACKETS_IN),
             keyframe_requests: counter!(KEYFRAME_REQUESTS),
+            nacks_sent: counter!(NACKS_SENT),
             ice_restarts: counter!(ICE_RESTARTS),
             rate_limited: counter!(RATE_LIMITED),
             redirects: counter!(REDIRECTS),
@@ -167,6 +182,18 @@ pub fn media_dropped(why: MediaDrop, n: u64) {
             .map(|reason| counter!(MEDIA_DROPPED, "reason" => reason))
     });
     C[why as usize].increment(n);
+}
+
+/// The publisher's packet loss on `stream`.
+pub fn packet_loss(stream: &str, loss: f32) {
+    handle();
+    metrics::gauge!(PACKET_LOSS, "stream" => stream.to_owned()).set(f64::from(loss));
+}
+
+/// How long frames wait in the queue of `transcoder` on `stream`.
+pub fn transcode_lag(stream: &str, transcoder: &'static str) -> metrics::Gauge {
+    handle();
+    metrics::gauge!(TRANSCODE_LAG, "stream" => stream.to_owned(), "transcoder" => transcoder)
 }
 
 pub fn codec_name(codec: Codec) -> &'static str {

@@ -90,6 +90,21 @@ async fn metrics_move_during_a_publication_and_health_answers() {
     assert!(value(&text, "whipgate_hls_segments_total", &[]) >= 1.0);
     // The publisher starts with a keyframe: no request needed, but counted.
     assert!(text.contains("whipgate_keyframe_requests_total "));
+    // Receive statistics (every 2 s) and the transcoders' queue wait.
+    assert!(text.contains("whipgate_nacks_sent_total "), "{text}");
+    assert!(
+        text.contains("whipgate_packet_loss_ratio{stream=\"m\"}"),
+        "{text}"
+    );
+    assert!(text.contains("whipgate_transcode_lag_seconds{"), "{text}");
+    let loss = value(&text, "whipgate_packet_loss_ratio", &["stream=\"m\""]);
+    assert!((0.0..0.05).contains(&loss), "loss {loss} on loopback");
+    let lag = value(
+        &text,
+        "whipgate_transcode_lag_seconds",
+        &["stream=\"m\"", "transcoder=\"aac\""],
+    );
+    assert!((0.0..1.0).contains(&lag), "AAC transcoder lag {lag} s");
     assert!(
         value(
             &text,

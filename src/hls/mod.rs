@@ -1,12 +1,16 @@
-//! HLS output: sans-IO MPEG-TS and fragmented MP4 muxing, segmenting and
-//! playlists.
+//! HLS output: MPEG-TS and fragmented MP4 (CMAF) muxing, segmenting,
+//! LL-HLS parts and playlists.
 //!
-//! Nothing here reads a clock, touches a file or awaits: frames and the wall
-//! clock come in as arguments, bytes and playlist text go out. The caller
-//! (`output`) owns storage and timing.
+//! `ts`, `segmenter`, `fmp4`, `cmaf` and `playlist` are sans-IO: nothing
+//! there reads a clock, touches a file or awaits; frames and the wall clock
+//! come in as arguments, bytes and playlist text go out. `output` (the hub
+//! reader) owns storage and timing, and fills `store`, the in-memory side
+//! the HTTP handlers serve and wait on.
 
+pub mod cmaf;
 pub mod fmp4;
 pub mod output;
 pub mod playlist;
 pub mod segmenter;
+pub mod store;
 pub mod ts;

@@ -1,26 +1,41 @@
-//! The HLS output of one stream: a hub reader that feeds the segmenter and
-//! writes segments and the playlist to the stream's directory (each file
-//! written to a temporary name and renamed, so readers never see half a
-//! file). It lives as long as the stream: when the publisher leaves the
-//! playlist gets `EXT-X-ENDLIST`; when one comes back the playlist goes on
-//! with `EXT-X-DISCONTINUITY`.
+//! The HLS output of one stream: a hub reader that feeds the segmenter
+//! (MPEG-TS, or fMP4 with LL-HLS parts) and keeps the stream's in-memory
+//! [`Store`] (playlist, recent segments, init segments, parts) up to date for
+//! the HTTP side, and writes segments, init segments and the playlist to the
+//! stream's directory. It lives as long as the stream: when the publisher
+//! leaves the playlist gets `EXT-X-ENDLIST`; when one comes back the playlist
+//! goes on with `EXT-X-DISCONTINUITY`.
+//!
+//! Files are written by a task of their own, in order, each to a temporary
+//! name and renamed (readers never see half a file), so a slow disk never
+//! delays a part. The file playlist is the plain rendering (no LL-HLS tags),
+//! written when a segment is complete, after the segment itself.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::watch;
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
 
-use super::playlist::{Playlist, PlaylistConfig};
+use super::cmaf::{self, CmafConfig, CmafSegmenter};
+use super::playlist::{PartEntry, Playlist, PlaylistConfig, PlaylistFormat, SegmentHead};
 use super::segmenter::{Segment, Segmenter, SegmenterConfig};
-use crate::config::HlsConfig;
+use super::store::{self, Changes, Edge, Store};
+use crate::config::{HlsConfig, HlsFormat};
 use crate::hub::{Hub, HubFrame, Publication};
 use crate::media::frame::{CLOCK_HZ, Codec};
 use crate::telemetry;
 
 /// Frames queued for the HLS writer before it drops (about 10 s of media).
 const QUEUE: usize = 1024;
+/// File operations queued for the writer task before the output waits.
+const DISK_QUEUE: usize = 256;
+/// Parts stay in memory this many target durations after they were made:
+/// listed for about three and a segment, downloadable three more after
+/// (RFC 8216bis §6.2.2).
+const PART_RETENTION_TARGETS: u32 = 7;
 
 /// The tracks of a publication that go into the HLS (the stream's preset
 /// decides): a track left out is neither declared nor waited for.
@@ -28,9 +43,11 @@ const QUEUE: usize = 1024;
 pub struct Tracks {
     /// The H264 video.
     pub video: bool,
-    /// The audio, as AAC (there is no AAC when the preset does not
-    /// transcode the Opus to it, and MPEG-TS HLS does not carry Opus).
+    /// The audio as AAC (the preset transcodes the Opus to it).
     pub audio: bool,
+    /// The published Opus as it is (the preset copies it): fMP4 carries it,
+    /// MPEG-TS does not.
+    pub opus: bool,
 }
 
 impl Default for Tracks {
@@ -38,18 +55,65 @@ impl Default for Tracks {
         Tracks {
             video: true,
             audio: true,
+            opus: false,
         }
     }
 }
 
+impl Tracks {
+    /// The audio codec the HLS carries in this format, if any.
+    fn audio_codec(&self, fmp4: bool) -> Option<Codec> {
+        if self.audio {
+            Some(Codec::Aac)
+        } else if self.opus && fmp4 {
+            Some(Codec::Opus)
+        } else {
+            None
+        }
+    }
+
+    /// The codecs the HLS reader subscribes to.
+    fn codecs(&self, fmp4: bool) -> &'static [Codec] {
+        match (self.video, self.audio_codec(fmp4)) {
+            (true, None) => &[Codec::H264],
+            (false, Some(Codec::Opus)) => &[Codec::Opus],
+            (true, Some(Codec::Opus)) => &[Codec::H264, Codec::Opus],
+            (false, Some(_)) => &[Codec::Aac],
+            _ => &[Codec::H264, Codec::Aac],
+        }
+    }
+}
+
+/// The segmenter of the current publication.
+enum Muxer {
+    Ts(Segmenter),
+    Cmaf(CmafSegmenter),
+}
+
+impl Muxer {
+    fn wants_keyframe(&self) -> bool {
+        match self {
+            Muxer::Ts(s) => s.wants_keyframe(),
+            Muxer::Cmaf(s) => s.wants_keyframe(),
+        }
+    }
+}
+
+/// A file operation for the writer task.
+enum DiskOp {
+    Write(String, Bytes),
+    Remove(String),
+}
+
 struct Output {
     hub: Arc<Hub>,
-    dir: PathBuf,
     config: HlsConfig,
     tracks: Tracks,
     playlist: Playlist,
+    store: Arc<Store>,
+    disk: mpsc::Sender<DiskOp>,
     /// The publication being segmented, and its segmenter.
-    current: Option<(Publication, Segmenter)>,
+    current: Option<(Publication, Muxer)>,
     /// When the current publication's first frame reached this output.
     first_frame_at: Instant,
     /// The last publication that ended: its late frames (the audio
@@ -63,8 +127,18 @@ struct Output {
     ts_last: i64,
     /// Sequence number the current publication's segment 0 gets.
     sequence_base: u64,
-    /// Segment files still on disk, oldest first.
-    on_disk: VecDeque<String>,
+    /// fMP4: the number the next init segment gets, and the current one.
+    next_init: u64,
+    init: Option<u64>,
+    /// LL-HLS: the number the next part gets.
+    next_part: u64,
+    /// Segments (with the init segment they need) kept in memory and on
+    /// disk, oldest first.
+    kept: VecDeque<(String, Option<u64>)>,
+    /// Init segments kept, oldest first.
+    inits: VecDeque<u64>,
+    /// LL-HLS parts kept in memory, oldest first, with when they were made.
+    parts: VecDeque<(u64, Instant)>,
 }
 
 pub async fn run(
@@ -74,24 +148,32 @@ pub async fn run(
     tracks: Tracks,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let span = tracing::info_span!("hls", stream = %hub.name());
-    let codecs: &'static [Codec] = match (tracks.video, tracks.audio) {
-        (true, false) => &[Codec::H264],
-        (false, true) => &[Codec::Aac],
-        _ => &[Codec::H264, Codec::Aac],
-    };
-    let mut sub = hub.subscribe("hls", codecs, QUEUE);
+    let span = tracing::info_span!("hls", stream = %hub.name(), format = ?config.format);
+    let mut sub = hub.subscribe("hls", tracks.codecs(config.format.is_fmp4()), QUEUE);
     if let Err(e) = reset_dir(&dir).await {
         tracing::error!(parent: &span, dir = %dir.display(), error = %e, "cannot prepare the HLS directory; HLS is off for this stream");
         return;
     }
+    let (disk, disk_rx) = mpsc::channel(DISK_QUEUE);
+    let writer = tokio::spawn(write_files(dir.clone(), disk_rx, span.clone()));
+    let store = Arc::new(Store::new());
+    store::register(&dir, store.clone());
+    let playlist_config = PlaylistConfig {
+        target_duration: config.target(),
+        window: config.playlist_size,
+    };
+    let format = match config.format {
+        HlsFormat::Mpegts => PlaylistFormat::MpegTs,
+        HlsFormat::Fmp4 => PlaylistFormat::Fmp4,
+        HlsFormat::Llhls => PlaylistFormat::LowLatency {
+            part_target: config.part_target(),
+        },
+    };
     let mut out = Output {
         hub: hub.clone(),
-        dir,
-        playlist: Playlist::new(PlaylistConfig {
-            target_duration: config.target(),
-            window: config.playlist_size,
-        }),
+        playlist: Playlist::with_format(playlist_config, format),
+        store: store.clone(),
+        disk,
         config,
         tracks,
         current: None,
@@ -100,7 +182,12 @@ pub async fn run(
         ts_offset: 0,
         ts_last: 0,
         sequence_base: 0,
-        on_disk: VecDeque::new(),
+        next_init: 0,
+        init: None,
+        next_part: 0,
+        kept: VecDeque::new(),
+        inits: VecDeque::new(),
+        parts: VecDeque::new(),
     };
     loop {
         tokio::select! {
@@ -129,9 +216,21 @@ pub async fn run(
         out.frame(f, &span).await;
     }
     out.end(&span).await;
+    // Every file is written before the output is done.
+    drop(out);
+    let _ = writer.await;
+    store::unregister(&dir, &store);
 }
 
 impl Output {
+    fn fmp4(&self) -> bool {
+        self.config.format.is_fmp4()
+    }
+
+    fn low_latency(&self) -> bool {
+        self.config.format.is_low_latency()
+    }
+
     async fn frame(&mut self, hf: HubFrame, span: &tracing::Span) {
         let HubFrame {
             publication,
@@ -142,38 +241,59 @@ impl Output {
         }
         if self.current.as_ref().map(|(p, _)| p.id) != Some(publication.id) {
             self.end(span).await;
-            let segmenter = Segmenter::new(
-                SegmenterConfig {
-                    target_duration: self.config.target(),
-                    ..Default::default()
-                },
-                publication.video && self.tracks.video,
-                publication.audio && self.tracks.audio,
-            );
+            let video = publication.video && self.tracks.video;
+            let audio = publication.audio && self.tracks.audio_codec(self.fmp4()).is_some();
+            let muxer = if self.fmp4() {
+                let part_duration = self.low_latency().then(|| self.config.part_target());
+                Muxer::Cmaf(CmafSegmenter::new(
+                    CmafConfig {
+                        target_duration: self.config.target(),
+                        part_duration,
+                        ..Default::default()
+                    },
+                    video,
+                    audio,
+                ))
+            } else {
+                Muxer::Ts(Segmenter::new(
+                    SegmenterConfig {
+                        target_duration: self.config.target(),
+                        ..Default::default()
+                    },
+                    video,
+                    audio,
+                ))
+            };
             self.sequence_base = self.playlist.next_sequence();
             if self.sequence_base > 0 {
                 // Start a second after the last publication's end.
                 self.ts_offset = self.ts_last + CLOCK_HZ;
             }
-            self.current = Some((publication, segmenter));
+            self.current = Some((publication, muxer));
             self.first_frame_at = Instant::now();
         }
         frame.pts += self.ts_offset;
         frame.dts += self.ts_offset;
         self.ts_last = self.ts_last.max(frame.pts);
-        let Some((_, segmenter)) = self.current.as_mut() else {
+        let Some((_, muxer)) = self.current.as_mut() else {
             return;
         };
         let kind = frame.codec().kind();
-        match segmenter.push(kind, &frame, unix_ms()) {
-            Ok(Some(segment)) => self.write_segment(segment, span).await,
-            Ok(None) => {}
-            Err(e) => tracing::debug!(parent: span, error = %e, "frame not muxed"),
+        match muxer {
+            Muxer::Ts(segmenter) => match segmenter.push(kind, &frame, unix_ms()) {
+                Ok(Some(segment)) => self.ts_segment(segment, span).await,
+                Ok(None) => {}
+                Err(e) => tracing::debug!(parent: span, error = %e, "frame not muxed"),
+            },
+            Muxer::Cmaf(segmenter) => match segmenter.push(kind, &frame, unix_ms()) {
+                Ok(events) => self.cmaf_events(events, span).await,
+                Err(e) => tracing::debug!(parent: span, error = %e, "frame not muxed"),
+            },
         }
         if self
             .current
             .as_ref()
-            .is_some_and(|(_, s)| s.wants_keyframe())
+            .is_some_and(|(_, m)| m.wants_keyframe())
         {
             self.hub.request_keyframe();
         }
@@ -181,53 +301,215 @@ impl Output {
 
     /// The publication ended: flush the last segment and end the playlist.
     async fn end(&mut self, span: &tracing::Span) {
-        let Some((publication, mut segmenter)) = self.current.take() else {
+        let Some((publication, muxer)) = self.current.take() else {
             return;
         };
         self.ended = Some(publication.id);
-        if let Some(segment) = segmenter.finish() {
-            self.write_segment(segment, span).await;
+        match muxer {
+            Muxer::Ts(mut segmenter) => {
+                if let Some(segment) = segmenter.finish() {
+                    self.ts_segment(segment, span).await;
+                }
+            }
+            Muxer::Cmaf(mut segmenter) => {
+                let events = segmenter.finish();
+                self.cmaf_events(events, span).await;
+            }
         }
         self.playlist.end();
-        self.write_playlist(span).await;
+        self.publish(Changes::default(), true).await;
         tracing::info!(parent: span, "playlist ended");
     }
 
-    async fn write_segment(&mut self, mut segment: Segment, span: &tracing::Span) {
-        segment.sequence += self.sequence_base;
-        if segment.sequence == self.sequence_base && self.sequence_base > 0 {
-            // First segment of a publisher coming back.
-            segment.discontinuity = true;
+    /// A new segment's head: a returning publisher's first segment follows
+    /// a break.
+    fn head(&self, sequence: u64, discontinuity: bool, program_date_time_ms: i64) -> SegmentHead {
+        let sequence = sequence + self.sequence_base;
+        SegmentHead {
+            sequence,
+            discontinuity: discontinuity
+                || (sequence == self.sequence_base && self.sequence_base > 0),
+            program_date_time_ms,
+            init: self.init,
         }
-        let name = Playlist::segment_uri(segment.sequence);
-        if let Err(e) = write_atomic(&self.dir, &name, &segment.data).await {
-            tracing::error!(parent: span, file = %name, error = %e, "cannot write segment");
-            return;
-        }
-        telemetry::counters().hls_segments.increment(1);
-        self.on_disk.push_back(name);
-        let _removed = self.playlist.push(&segment);
-        self.write_playlist(span).await;
-        // Keep a few segments after they leave the playlist for late players.
-        let keep = self.config.playlist_size + self.config.keep_extra;
-        while self.on_disk.len() > keep {
-            if let Some(old) = self.on_disk.pop_front() {
-                let _ = tokio::fs::remove_file(self.dir.join(&old)).await;
-            }
-        }
-        if segment.sequence == self.sequence_base {
-            let ms = self.first_frame_at.elapsed().as_secs_f64() * 1000.0;
-            tracing::info!(parent: span, sequence = segment.sequence, duration = segment.duration, since_first_frame_ms = ms, "first segment listed");
-        }
-        tracing::debug!(parent: span, sequence = segment.sequence, duration = segment.duration, bytes = segment.data.len(), "segment written");
     }
 
-    async fn write_playlist(&self, span: &tracing::Span) {
-        let text = self.playlist.render();
-        if let Err(e) = write_atomic(&self.dir, "index.m3u8", text.as_bytes()).await {
-            tracing::error!(parent: span, error = %e, "cannot write playlist");
+    async fn ts_segment(&mut self, segment: Segment, span: &tracing::Span) {
+        let head = self.head(
+            segment.sequence,
+            segment.discontinuity,
+            segment.program_date_time_ms,
+        );
+        let data = Bytes::from(segment.data);
+        self.segment(head, segment.duration, data, span).await;
+    }
+
+    async fn cmaf_events(&mut self, events: Vec<cmaf::Event>, span: &tracing::Span) {
+        for event in events {
+            match event {
+                cmaf::Event::Init(data) => {
+                    let number = self.next_init;
+                    self.next_init += 1;
+                    self.init = Some(number);
+                    self.inits.push_back(number);
+                    let name = Playlist::init_uri(number);
+                    let mut changes = Changes::default();
+                    changes.insert.push((name.clone(), data.clone()));
+                    self.store.apply(changes);
+                    self.write(name, data).await;
+                    tracing::debug!(parent: span, init = number, "init segment");
+                }
+                cmaf::Event::Part(part) if self.low_latency() => {
+                    let head =
+                        self.head(part.segment, part.discontinuity, part.program_date_time_ms);
+                    let number = self.next_part;
+                    self.next_part += 1;
+                    let entry = PartEntry {
+                        number,
+                        duration_ms: ticks_to_ms(part.duration),
+                        independent: part.independent,
+                    };
+                    self.playlist.push_part(head, entry);
+                    let mut changes = Changes::default();
+                    changes.insert.push((Playlist::part_uri(number), part.data));
+                    self.parts.push_back((number, Instant::now()));
+                    let retention = self.target() * PART_RETENTION_TARGETS;
+                    while let Some(&(old, made)) = self.parts.front() {
+                        if made.elapsed() <= retention {
+                            break;
+                        }
+                        self.parts.pop_front();
+                        changes.remove.push(Playlist::part_uri(old));
+                    }
+                    self.publish(changes, false).await;
+                }
+                cmaf::Event::Part(_) => {}
+                cmaf::Event::Segment(segment) => {
+                    let head = self.head(
+                        segment.sequence,
+                        segment.discontinuity,
+                        segment.program_date_time_ms,
+                    );
+                    self.segment(head, segment.duration, segment.data, span)
+                        .await;
+                }
+            }
         }
     }
+
+    /// Lists a complete segment: in memory at once, then on disk (the
+    /// segment, then the playlist naming it), dropping what slid out.
+    async fn segment(
+        &mut self,
+        head: SegmentHead,
+        duration: f64,
+        data: Bytes,
+        span: &tracing::Span,
+    ) {
+        let name = self.playlist.uri(head.sequence);
+        let bytes = data.len();
+        let _removed = self.playlist.push_segment(head, duration);
+        telemetry::counters().hls_segments.increment(1);
+        let mut changes = Changes::default();
+        changes.insert.push((name.clone(), data.clone()));
+        self.kept.push_back((name.clone(), head.init));
+        // Keep a few segments after they leave the playlist for late players.
+        let keep = self.config.playlist_size + self.config.keep_extra;
+        let mut removed = Vec::new();
+        while self.kept.len() > keep {
+            if let Some((old, _)) = self.kept.pop_front() {
+                removed.push(old);
+            }
+        }
+        // Init segments no kept segment (nor the open one) needs.
+        let oldest_init = self
+            .kept
+            .iter()
+            .filter_map(|(_, init)| *init)
+            .chain(self.init)
+            .min();
+        while let Some(&old) = self.inits.front() {
+            if oldest_init.is_none_or(|oldest| old >= oldest) {
+                break;
+            }
+            self.inits.pop_front();
+            removed.push(Playlist::init_uri(old));
+        }
+        changes.remove.extend(removed.iter().cloned());
+        self.write(name, data).await;
+        self.publish(changes, true).await;
+        for old in removed {
+            self.send(DiskOp::Remove(old)).await;
+        }
+        if head.sequence == self.sequence_base {
+            let ms = self.first_frame_at.elapsed().as_secs_f64() * 1000.0;
+            tracing::info!(parent: span, sequence = head.sequence, duration, since_first_frame_ms = ms, "first segment listed");
+        }
+        tracing::debug!(parent: span, sequence = head.sequence, duration, bytes, "segment written");
+    }
+
+    /// The playlist's target duration, as a duration.
+    fn target(&self) -> Duration {
+        Duration::from_secs(self.playlist.target_duration())
+    }
+
+    /// Renders the playlist into the store with `changes` and wakes
+    /// waiting requests; with `to_disk`, writes the file playlist too.
+    async fn publish(&mut self, mut changes: Changes, to_disk: bool) {
+        let full = Bytes::from(self.playlist.render());
+        let delta = self
+            .low_latency()
+            .then(|| Bytes::from(self.playlist.render_delta()));
+        changes.playlist = Some((full.clone(), delta));
+        changes.edge = Some(Edge {
+            version: 0,
+            last_segment: self.playlist.last_segment(),
+            last_part: self.playlist.last_part(),
+            next_part: self.playlist.next_part(),
+            ended: self.playlist.is_ended(),
+            target_duration: self.playlist.target_duration(),
+            part_target: self.low_latency().then(|| self.config.part_target()),
+        });
+        self.store.apply(changes);
+        if to_disk {
+            let plain = if self.low_latency() {
+                Bytes::from(self.playlist.render_plain())
+            } else {
+                full
+            };
+            self.write("index.m3u8".to_owned(), plain).await;
+        }
+    }
+
+    async fn write(&self, name: String, data: Bytes) {
+        self.send(DiskOp::Write(name, data)).await;
+    }
+
+    async fn send(&self, op: DiskOp) {
+        // The writer only stops once this output is gone.
+        let _ = self.disk.send(op).await;
+    }
+}
+
+/// Writes and removes files in the order asked, until the output is gone.
+async fn write_files(dir: PathBuf, mut ops: mpsc::Receiver<DiskOp>, span: tracing::Span) {
+    while let Some(op) = ops.recv().await {
+        match op {
+            DiskOp::Write(name, data) => {
+                if let Err(e) = write_atomic(&dir, &name, &data).await {
+                    tracing::error!(parent: &span, file = %name, error = %e, "cannot write HLS file");
+                }
+            }
+            DiskOp::Remove(name) => {
+                let _ = tokio::fs::remove_file(dir.join(&name)).await;
+            }
+        }
+    }
+}
+
+/// 90 kHz ticks in milliseconds, rounded.
+fn ticks_to_ms(ticks: i64) -> u64 {
+    u64::try_from((ticks.max(0) * 1000 + CLOCK_HZ / 2) / CLOCK_HZ).unwrap_or(0)
 }
 
 /// Creates the directory, removing what an earlier run left in it.

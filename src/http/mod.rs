@@ -1,6 +1,7 @@
 //! HTTP at the edge: WHIP for publishers, HLS for viewers.
 
 mod api;
+mod console;
 mod health;
 mod hls;
 mod rate_limit;
@@ -11,9 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
-use axum::http::{HeaderValue, header};
+use axum::handler::Handler;
+use axum::http::{HeaderValue, Method, header};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{MethodFilter, MethodRouter, get, post};
 use axum::{Extension, Router};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
@@ -68,7 +70,11 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(health::metrics))
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
-        .nest("/api/v1", api_routes(state.clone()))
+        .route("/", get(console::index))
+        .route("/watch/{stream}", get(console::watch))
+        .route("/publish/{stream}", get(console::publish))
+        .route("/console/{file}", get(console::asset))
+        .nest(API_PREFIX, api_routes(state.clone()))
         .fallback(|| async { AppError::NotFound })
         .with_state(state)
         .layer(Extension(auth))
@@ -86,19 +92,71 @@ pub fn router(state: AppState) -> Router {
         .layer(TraceLayer::new_for_http())
 }
 
-fn api_routes(state: AppState) -> Router<AppState> {
-    Router::new()
-        .route("/streams", get(api::list_streams))
-        .route("/streams/{stream}", get(api::get_stream))
-        .route(
+/// Where the API is mounted.
+pub const API_PREFIX: &str = "/api/v1";
+
+/// One API route: its path under [`API_PREFIX`] and a handler per method.
+type ApiRoute = (&'static str, Vec<(Method, MethodRouter<AppState>)>);
+
+/// `handler` for `method`, remembering the method for [`api_route_list`].
+fn op<H, T>(method: Method, handler: H) -> (Method, MethodRouter<AppState>)
+where
+    H: Handler<T, AppState>,
+    T: 'static,
+{
+    let filter = MethodFilter::try_from(method.clone()).expect("a method axum routes");
+    (method, axum::routing::on(filter, handler))
+}
+
+/// The API, one table that both the router and [`api_route_list`] (so the
+/// OpenAPI test) are made from.
+fn api_table() -> Vec<ApiRoute> {
+    use Method as M;
+    vec![
+        ("/streams", vec![op(M::GET, api::list_streams)]),
+        (
+            "/streams/{stream}",
+            vec![
+                op(M::GET, api::get_stream),
+                op(M::PUT, api::put_stream),
+                op(M::DELETE, api::delete_stream),
+            ],
+        ),
+        ("/streams/{stream}/kick", vec![op(M::POST, api::kick)]),
+        (
             "/streams/{stream}/push",
-            get(api::list_pushes).post(api::add_push),
-        )
-        .route(
+            vec![op(M::GET, api::list_pushes), op(M::POST, api::add_push)],
+        ),
+        (
             "/streams/{stream}/push/{id}",
-            axum::routing::delete(api::remove_push),
-        )
-        .layer(axum::middleware::from_fn_with_state(state, api::guard))
+            vec![op(M::DELETE, api::remove_push)],
+        ),
+        ("/openapi.json", vec![op(M::GET, api::openapi)]),
+    ]
+}
+
+/// Every API route as served: full path (`/api/v1/streams/{stream}`) and
+/// its methods.
+pub fn api_route_list() -> Vec<(String, Vec<Method>)> {
+    api_table()
+        .into_iter()
+        .map(|(path, ops)| {
+            let methods = ops.into_iter().map(|(m, _)| m).collect();
+            (format!("{API_PREFIX}{path}"), methods)
+        })
+        .collect()
+}
+
+fn api_routes(state: AppState) -> Router<AppState> {
+    let mut router = Router::new();
+    for (path, ops) in api_table() {
+        let mut methods = MethodRouter::new();
+        for (_, handler) in ops {
+            methods = methods.merge(handler);
+        }
+        router = router.route(path, methods);
+    }
+    router.layer(axum::middleware::from_fn_with_state(state, api::guard))
 }
 
 /// A body declared larger than the limit gets 413 before it is read (and
@@ -161,4 +219,103 @@ async fn problem_for_framework_errors(resp: Response) -> Response {
         }
     }
     problem
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    /// Every `$ref` in `v` (recursively).
+    fn refs<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+        match v {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("$ref", Value::String(r)) => out.push(r),
+                        _ => refs(v, out),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn openapi_describes_every_api_route_and_nothing_else() {
+        let doc: Value = serde_json::from_str(api::OPENAPI).expect("openapi.json is JSON");
+        assert!(
+            doc["openapi"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("3.1.")),
+            "OpenAPI 3.1"
+        );
+        assert!(doc["info"]["title"].is_string() && doc["info"]["version"].is_string());
+        let paths = doc["paths"].as_object().expect("paths");
+        let routes = api_route_list();
+        let operations = ["get", "put", "post", "delete", "patch", "head", "options"];
+        for (path, methods) in &routes {
+            let item = paths
+                .get(path)
+                .unwrap_or_else(|| panic!("{path} is served but not described"));
+            let mut described: Vec<String> = item
+                .as_object()
+                .expect("path item")
+                .keys()
+                .filter(|k| operations.contains(&k.as_str()))
+                .cloned()
+                .collect();
+            described.sort();
+            let mut served: Vec<String> = methods
+                .iter()
+                .map(|m| m.as_str().to_ascii_lowercase())
+                .collect();
+            served.sort();
+            assert_eq!(described, served, "{path}: described vs served methods");
+            // Every `{param}` of the path is declared, and every operation
+            // has an id and responses.
+            for (i, part) in path.split('/').enumerate() {
+                let Some(name) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) else {
+                    continue;
+                };
+                let declared = |v: &Value| {
+                    v["parameters"].as_array().is_some_and(|ps| {
+                        ps.iter().any(|p| {
+                            p["name"] == name && p["in"] == "path" && p["required"] == true
+                        })
+                    })
+                };
+                for m in &served {
+                    assert!(
+                        declared(item) || declared(&item[m]),
+                        "{path} {m}: path parameter {name} (segment {i}) not declared"
+                    );
+                }
+            }
+            for m in &served {
+                let op = &item[m];
+                assert!(op["operationId"].is_string(), "{path} {m}: operationId");
+                let responses = op["responses"].as_object().expect("responses");
+                assert!(
+                    responses.keys().any(|c| c.starts_with('2')),
+                    "{path} {m}: no 2xx response"
+                );
+            }
+        }
+        for path in paths.keys() {
+            assert!(
+                routes.iter().any(|(p, _)| p == path),
+                "{path} is described but not served"
+            );
+        }
+        // Every reference resolves.
+        let mut all = Vec::new();
+        refs(&doc, &mut all);
+        assert!(!all.is_empty());
+        for r in all {
+            let pointer = r.strip_prefix('#').expect("local reference");
+            assert!(doc.pointer(pointer).is_some(), "unresolved {r}");
+        }
+    }
 }

@@ -52,7 +52,7 @@ pub async fn post(
         crate::telemetry::counters().redirects.increment(1);
         return Err(AppError::Redirect(url));
     }
-    let settings = app.streams.config().stream(&stream_name).clone();
+    let settings = app.streams.settings(&stream_name);
     let client_ip = peer.map(|Extension(ConnectInfo(a))| a.ip());
     let grant = auth
         .authorize_publish(
@@ -77,7 +77,7 @@ pub async fn post(
     let accept_vp8 = app
         .streams
         .config()
-        .preset(&stream_name)
+        .preset_with(&settings)
         .video
         .accepts_vp8();
     let accepted = offer::check(sections, accept_vp8).map_err(|e| match e {
@@ -146,6 +146,7 @@ pub async fn post(
         etag: std::sync::Mutex::new(created.etag.clone()),
         publication_id: publication.id,
         created: Instant::now(),
+        client_ip,
     });
     app.streams.add_session(&stream, info);
 

@@ -21,13 +21,16 @@ use super::ingest::Ingest;
 use super::offer::Accepted;
 use super::tcp::TcpEvent;
 use super::{Created, RtcError};
-use crate::hub::{Hub, KeyframeRequester, Publication};
+use crate::hub::{Hub, IngressStats, KeyframeRequester, Publication};
 use crate::media::frame::{Codec as FrameCodec, TrackKind};
 use crate::telemetry::{self, PacketDrop};
 
 /// A session that has not completed ICE and DTLS by then is closed: the
 /// client cannot reach us, or is not trying.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often str0m reports a session's receive statistics.
+const STATS_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Longest the driver sleeps without looking at a session.
 const MAX_SLEEP: Duration = Duration::from_millis(500);
@@ -81,6 +84,8 @@ struct Session {
     audio_mid: Option<Mid>,
     /// NACKs are enabled on the video stream.
     nack_on: bool,
+    /// NACKs counted into the metrics so far.
+    nacks_seen: u64,
     /// ICE and DTLS completed.
     connected: bool,
     created: Instant,
@@ -235,6 +240,7 @@ impl Driver {
                             video_mid: None,
                             audio_mid: None,
                             nack_on: false,
+                            nacks_seen: 0,
                             connected: false,
                             created: Instant::now(),
                             ingest: Ingest::new(2, video_codec),
@@ -534,8 +540,9 @@ fn negotiate(
         .clear_codecs()
         .enable_opus(accepted.audio.is_some(), false)
         .enable_vp8(accepted.video_codec == Some(FrameCodec::Vp8))
-        // Keep RTCP stats off the hot path; we read what we need from events.
-        .set_stats_interval(None);
+        // Receive statistics (loss, NACKs) every few seconds, for the API
+        // and metrics; rarely enough to stay off the hot path.
+        .set_stats_interval(Some(STATS_INTERVAL));
     if let Some(cert) = cert {
         config = config.set_dtls_cert(cert.clone());
     }
@@ -690,6 +697,23 @@ fn on_event(s: &mut Session, event: Event) -> Result<(), String> {
                 drop(_g);
                 s.hub.request_keyframe();
             }
+        }
+        // One figure per publisher: its video, or its audio when it sends
+        // no video.
+        Event::MediaIngressStats(st) if Some(st.mid) == s.video_mid || s.video_mid.is_none() => {
+            let c = telemetry::counters();
+            c.nacks_sent
+                .increment(st.nacks.saturating_sub(s.nacks_seen));
+            s.nacks_seen = s.nacks_seen.max(st.nacks);
+            let loss = st.loss.unwrap_or(0.0).clamp(0.0, 1.0);
+            telemetry::packet_loss(s.hub.name(), loss);
+            s.hub.set_ingress(IngressStats {
+                loss,
+                packets: st.packets,
+                bytes: st.bytes,
+                nacks: st.nacks,
+                rtt_ms: st.rtt.map(|d| d.as_secs_f64() * 1000.0),
+            });
         }
         _ => {}
     }

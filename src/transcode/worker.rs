@@ -33,8 +33,11 @@ pub enum PushError {
     Closed,
 }
 
+/// A frame and when it was queued.
+type Queued = (Frame, Instant);
+
 pub struct Worker<C: Core> {
-    tx: Option<SyncSender<Frame>>,
+    tx: Option<SyncSender<Queued>>,
     dropped: Arc<AtomicU64>,
     handle: Option<JoinHandle<C::Stats>>,
 }
@@ -64,7 +67,7 @@ impl<C: Core> Worker<C> {
         let Some(tx) = self.tx.as_ref() else {
             return Err(PushError::Closed);
         };
-        match tx.try_send(frame) {
+        match tx.try_send((frame, Instant::now())) {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -100,13 +103,15 @@ const WARN_INTERVAL: Duration = Duration::from_secs(5);
 
 fn run<C: Core, F: FnMut(Frame)>(
     mut core: C,
-    rx: Receiver<Frame>,
+    rx: Receiver<Queued>,
     mut on_frame: F,
     stream: &str,
 ) -> C::Stats {
     let mut last_warn: Option<Instant> = None;
     let mut suppressed = 0u64;
-    for frame in rx {
+    let lag = crate::telemetry::transcode_lag(stream, C::NAME);
+    for (frame, queued) in rx {
+        lag.set(queued.elapsed().as_secs_f64());
         match core.push(&frame) {
             Ok(out) => out.into_iter().for_each(&mut on_frame),
             Err(error) => {

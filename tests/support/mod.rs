@@ -1,3 +1,4 @@
+pub mod browser;
 pub mod hls_check;
 pub mod nginx;
 pub mod sample_frames;

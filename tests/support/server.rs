@@ -14,6 +14,8 @@ pub struct Server {
     pub http_port: u16,
     pub udp_port: u16,
     pub dir: tempfile::TempDir,
+    /// The arguments after `whipgate`, for [`Server::restart`].
+    args: Vec<String>,
 }
 
 pub fn sample_mkv() -> PathBuf {
@@ -65,46 +67,77 @@ impl Server {
         if let Some(i) = extra.iter().position(|a| *a == "--udp-listen") {
             extra.drain(i..(i + 2).min(extra.len()));
         }
-        let log = std::fs::File::create(dir.path().join("server.log"))?;
+        let mut args = vec![
+            "serve".to_owned(),
+            "--config".to_owned(),
+            config_path.display().to_string(),
+            "--http-listen".to_owned(),
+            format!("127.0.0.1:{http_port}"),
+            "--udp-listen".to_owned(),
+            udp_listen,
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args.push("--data-dir".to_owned());
+        args.push(dir.path().join("data").display().to_string());
+        let mut server = Server {
+            child: None,
+            http_port,
+            udp_port,
+            dir,
+            args,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    /// Starts the process (its log appended to `server.log`) and waits
+    /// until it answers HTTP.
+    fn spawn(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.log"))?;
         let child = Command::new(env!("CARGO_BIN_EXE_whipgate"))
-            .arg("serve")
-            .arg("--config")
-            .arg(&config_path)
-            .arg("--http-listen")
-            .arg(format!("127.0.0.1:{http_port}"))
-            .arg("--udp-listen")
-            .arg(&udp_listen)
-            .args(&extra)
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
+            .args(&self.args)
             .env("WHIPGATE_LOG", "info,whipgate=debug")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .context("starting whipgate")?;
-        let mut server = Server {
-            child: Some(child),
-            http_port,
-            udp_port,
-            dir,
-        };
+        self.child = Some(child);
+        let http_port = self.http_port;
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if std::net::TcpStream::connect(("127.0.0.1", http_port)).is_ok() {
-                return Ok(server);
+                return Ok(());
             }
-            if let Some(status) = server
+            if let Some(status) = self
                 .child
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                bail!("whipgate exited at start ({status}):\n{}", server.log());
+                bail!("whipgate exited at start ({status}):\n{}", self.log());
             }
             if Instant::now() > deadline {
-                bail!("whipgate did not listen within 15 s:\n{}", server.log());
+                bail!("whipgate did not listen within 15 s:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Stops the server (SIGTERM, clean exit) and starts it again with the
+    /// same config, ports and data directory.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        if self.child.is_some() {
+            let status = self.terminate()?;
+            ensure!(status.success(), "whipgate exited with {status}");
+        }
+        self.spawn()
+    }
+
+    /// The server's log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
     }
 
     /// The server's process id (for signals), while it runs.

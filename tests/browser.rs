@@ -1,0 +1,182 @@
+//! The web console in a real browser: headless Chromium (Debian's, from
+//! scripts/install-deps.sh) publishes its fake camera and microphone from
+//! `/publish/test` with WHIP, plays `/watch/test` with hls.js until the
+//! video is 5 s in, and the console at `/` lists the stream as live.
+//! Screenshots of the three pages go to `target/tmp/browser/`.
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::Value;
+use support::browser::{Browser, find_chromium};
+use support::server::Server;
+
+fn artifacts() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("browser")
+}
+
+async fn api(server: &Server, path: &str) -> Value {
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let resp = client.get(server.url(path)).send().await.unwrap();
+    assert!(resp.status().is_success(), "GET {path}: {}", resp.status());
+    resp.json().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_watch_and_list_from_chromium() {
+    let chromium = find_chromium().expect(
+        "Chromium is needed for this test: run scripts/install-deps.sh (Debian's `chromium`), \
+         or set CHROMIUM to a Chromium or Chrome binary",
+    );
+    let server = Server::start("").expect("server");
+    let browser = Browser::launch(&chromium).expect("chromium");
+    let shots = artifacts();
+
+    let mut publish = browser
+        .open(&server.url("/publish/test"))
+        .await
+        .expect("publish page");
+    // The gateway ingests H264 only: a browser without an H264 encoder
+    // cannot publish to it.
+    let h264 = publish
+        .eval(
+            "RTCRtpSender.getCapabilities('video').codecs.some(c => \
+             c.mimeType.toLowerCase() === 'video/h264' && \
+             /packetization-mode=1/.test(c.sdpFmtpLine || ''))",
+        )
+        .await
+        .expect("capabilities");
+    if h264 != Value::Bool(true) {
+        eprintln!(
+            "SKIPPED: this Chromium ({}) offers no H264 (packetization-mode 1) for sending, \
+             which whipgate needs from a browser",
+            chromium.display()
+        );
+        return;
+    }
+
+    // A small picture keeps the software encoder and decoder cheap.
+    publish
+        .eval("document.getElementById('resolution').value = '640x360'; true")
+        .await
+        .unwrap();
+    publish
+        .eval("document.getElementById('start').click(); true")
+        .await
+        .unwrap();
+    let connected = publish
+        .wait_for(
+            "document.getElementById('state').textContent === 'connected'",
+            Duration::from_secs(30),
+        )
+        .await;
+    if let Err(e) = connected {
+        let log = publish
+            .eval("document.getElementById('log').textContent")
+            .await;
+        let _ = publish.screenshot(&shots.join("publish-failed.png")).await;
+        panic!(
+            "{e}\npage log: {log:?}\nserver:\n{}\nchromium:\n{}",
+            server.log(),
+            browser.log()
+        );
+    }
+
+    // The gateway sees H264 from the browser, with its resolution.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let stream = loop {
+        let v = api(&server, "/api/v1/streams/test").await;
+        if v["publisher"]["video"]["frame_rate"].as_f64() > Some(0.0) {
+            break v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no video measured: {v:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let video = &stream["publisher"]["video"];
+    assert_eq!(video["codec"], "h264", "{stream:#}");
+    assert!(video["width"].as_u64() > Some(0), "{stream:#}");
+    assert_eq!(stream["publisher"]["audio"]["codec"], "opus", "{stream:#}");
+
+    // hls.js plays it past 5 s.
+    let mut watch = browser
+        .open(&server.url("/watch/test"))
+        .await
+        .expect("watch page");
+    watch.bring_to_front().await.unwrap();
+    let played = watch
+        .wait_for(
+            "(() => { const v = document.getElementById('video'); \
+             return v.currentTime > 5 && v.videoWidth > 0 && !v.paused; })()",
+            Duration::from_secs(60),
+        )
+        .await;
+    let _ = watch.screenshot(&shots.join("watch.png")).await;
+    if let Err(e) = played {
+        let state = watch
+            .eval(
+                "JSON.stringify({state: document.getElementById('state').textContent, \
+                 t: document.getElementById('video').currentTime, \
+                 err: document.getElementById('video').error && document.getElementById('video').error.message, \
+                 mse: window.MediaSource && MediaSource.isTypeSupported('video/mp4; codecs=\"avc1.42E01E,mp4a.40.2\"')})",
+            )
+            .await;
+        panic!("{e}\nwatch page: {state:?}\nserver:\n{}", server.log());
+    }
+
+    // The console lists it as live.
+    let mut console = browser.open(&server.url("/")).await.expect("console");
+    console
+        .wait_for(
+            "document.querySelector('tr[data-stream=\"test\"][data-live=\"true\"]') !== null",
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the console lists the stream as live");
+    let row = console
+        .eval("document.querySelector('tr[data-stream=\"test\"]').textContent")
+        .await
+        .unwrap();
+    assert!(
+        row.as_str().is_some_and(|r| r.contains("h264")),
+        "console row: {row}"
+    );
+    console
+        .screenshot(&shots.join("console.png"))
+        .await
+        .unwrap();
+    publish.bring_to_front().await.unwrap();
+    publish
+        .screenshot(&shots.join("publish.png"))
+        .await
+        .unwrap();
+
+    // Stop: the session is deleted, the stream is no longer live.
+    publish
+        .eval("document.getElementById('stop').click(); true")
+        .await
+        .unwrap();
+    publish
+        .wait_for(
+            "document.getElementById('state').textContent === 'stopped'",
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = api(&server, "/api/v1/streams/test").await;
+        if v["live"] == false && v["session"].is_null() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still live: {v:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = server.log();
+    assert!(!log.contains("panicked"), "{log}");
+    eprintln!("screenshots in {}", shots.display());
+}
