@@ -176,6 +176,73 @@ async fn publish_watch_and_list_from_chromium() {
         assert!(std::time::Instant::now() < deadline, "still live: {v:#}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // The page's other choices: audio only (no camera), and VP8, which the
+    // default preset encodes to H264. Each must reach the HLS.
+    for (stream, setup, video_codec) in [
+        (
+            "voice",
+            "document.getElementById('camera').value = 'none'",
+            None,
+        ),
+        (
+            "vp8cam",
+            "document.getElementById('codec').value = 'video/vp8'; \
+             document.getElementById('resolution').value = '640x360'",
+            Some("vp8"),
+        ),
+    ] {
+        let mut page = browser
+            .open(&server.url(&format!("/publish/{stream}")))
+            .await
+            .expect("publish page");
+        page.eval(&format!(
+            "{setup}; document.getElementById('start').click(); true"
+        ))
+        .await
+        .unwrap();
+        page.wait_for(
+            "document.getElementById('state').textContent === 'connected'",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{stream}: {e}\nserver:\n{}", server.log()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let v = api(&server, &format!("/api/v1/streams/{stream}")).await;
+            let publisher = &v["publisher"];
+            let seen_video = publisher["video"]["codec"].as_str();
+            let audio_ok = publisher["audio"]["codec"] == "opus";
+            if audio_ok && seen_video == video_codec {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{stream}: {v:#}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        // The HLS playlist exists (audio only: AAC; VP8: encoded H264).
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let resp = client
+                .get(server.url(&format!("/hls/{stream}/index.m3u8")))
+                .send()
+                .await
+                .unwrap();
+            if resp.status().is_success() && resp.text().await.unwrap().contains("#EXTINF") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{stream}: no HLS segment\n{}",
+                server.log()
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        page.eval("document.getElementById('stop').click(); true")
+            .await
+            .unwrap();
+    }
+
     let log = server.log();
     assert!(!log.contains("panicked"), "{log}");
     eprintln!("screenshots in {}", shots.display());

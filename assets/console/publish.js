@@ -48,22 +48,24 @@ async function getMedia() {
   const camera = $("camera").value;
   const mic = $("microphone").value;
   const constraints = {
-    video: { width: { ideal: width }, height: { ideal: height }, ...(camera ? { deviceId: { exact: camera } } : {}) },
+    video: camera === "none" ? false : { width: { ideal: width }, height: { ideal: height }, ...(camera ? { deviceId: { exact: camera } } : {}) },
     audio: mic === "none" ? false : (mic ? { deviceId: { exact: mic } } : true),
   };
   return navigator.mediaDevices.getUserMedia(constraints);
 }
 
-/** H264 with packetization-mode=1 first: the gateway ingests it as is. */
-function preferH264(transceiver) {
+/** The chosen codec first (`video/h264` with packetization-mode=1, which the
+ *  gateway ingests as is, or `video/vp8`, which it encodes to H264). */
+function preferCodec(transceiver, mime) {
   if (!RTCRtpSender.getCapabilities || !transceiver.setCodecPreferences) return false;
   const codecs = RTCRtpSender.getCapabilities("video").codecs;
-  const isH264 = (c) => c.mimeType.toLowerCase() === "video/h264" && /packetization-mode=1/.test(c.sdpFmtpLine || "");
-  const h264 = codecs.filter(isH264);
-  if (!h264.length) return false;
+  const wanted = (c) => c.mimeType.toLowerCase() === mime
+    && (mime !== "video/h264" || /packetization-mode=1/.test(c.sdpFmtpLine || ""));
+  const first = codecs.filter(wanted);
+  if (!first.length) return false;
   // Constrained baseline (42e0..) first: every decoder takes it.
-  h264.sort((a, b) => /profile-level-id=42e0/.test(b.sdpFmtpLine) - /profile-level-id=42e0/.test(a.sdpFmtpLine));
-  transceiver.setCodecPreferences([...h264, ...codecs.filter((c) => !isH264(c))]);
+  first.sort((a, b) => /profile-level-id=42e0/.test(b.sdpFmtpLine) - /profile-level-id=42e0/.test(a.sdpFmtpLine));
+  transceiver.setCodecPreferences([...first, ...codecs.filter((c) => !wanted(c))]);
   return true;
 }
 
@@ -122,10 +124,14 @@ async function start() {
     });
     const video = media.getVideoTracks()[0];
     const audio = media.getAudioTracks()[0];
-    const vt = pc.addTransceiver(video, { direction: "sendonly", streams: [media] });
-    if (!preferH264(vt)) log("this browser offers no H264: the gateway may refuse the offer");
+    // Only the tracks there are: an audio-only or video-only offer.
+    if (video) {
+      const vt = pc.addTransceiver(video, { direction: "sendonly", streams: [media] });
+      const codec = $("codec").value;
+      if (!preferCodec(vt, codec)) log(`this browser offers no ${codec}: the gateway may refuse the offer`);
+    }
     if (audio) pc.addTransceiver(audio, { direction: "sendonly", streams: [media] });
-    else pc.addTransceiver("audio", { direction: "sendonly" });
+    if (!video && !audio) throw new Error("nothing to publish: choose a camera or a microphone");
     await pc.setLocalDescription(await pc.createOffer());
     const resp = await fetch(endpoint, {
       method: "POST",

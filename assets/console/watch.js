@@ -12,6 +12,12 @@ const playlist = document.getElementById("playlist");
 playlist.href = url;
 playlist.textContent = url;
 document.getElementById("publish-link").href = "/publish/" + encodeURIComponent(stream);
+// Absolute URLs to copy into a player or an encoder (click selects).
+for (const [id, path] of [["hls-url", url], ["whip-url", "/whip/" + encodeURIComponent(stream)]]) {
+  const input = document.getElementById(id);
+  input.value = new URL(path, location.href).href;
+  input.addEventListener("focus", () => input.select());
+}
 
 let hls = null;
 
