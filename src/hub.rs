@@ -63,6 +63,8 @@ struct Reader {
     waiting_for_key: bool,
     /// Frames lost because its queue was full.
     dropped_full: Counter,
+    /// Frames handed to it.
+    delivered: Counter,
     /// Frames skipped after a loss, until the next keyframe.
     dropped_gop: Counter,
 }
@@ -162,6 +164,7 @@ impl Hub {
             dropped_total: dropped.clone(),
             waiting_for_key: true,
             dropped_full: telemetry::frames_dropped(&self.name, name, "queue_full"),
+            delivered: telemetry::frames_delivered(&self.name, name),
             // Only video readers skip to the next keyframe.
             dropped_gop: if codecs.iter().any(|c| c.kind() == TrackKind::Video) {
                 telemetry::frames_dropped(&self.name, name, "gop_skipped")
@@ -247,6 +250,7 @@ impl Hub {
             };
             match r.tx.try_send(item) {
                 Ok(()) => {
+                    r.delivered.increment(1);
                     if r.dropped > 0 {
                         tracing::warn!(stream = %self.name, reader = r.name, dropped = r.dropped, "reader is too slow, discarded frames");
                         r.dropped = 0;

@@ -30,6 +30,7 @@ const PUSH_RECONNECTS: &str = "whipgate_push_reconnects_total";
 const PUSH_BYTES: &str = "whipgate_push_bytes_total";
 const FRAMES_PUBLISHED: &str = "whipgate_frames_published_total";
 const FRAMES_DROPPED: &str = "whipgate_frames_dropped_total";
+const FRAMES_DELIVERED: &str = "whipgate_frames_delivered_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -105,6 +106,10 @@ fn describe() {
     describe_counter!(
         FRAMES_DROPPED,
         "Frames a reader of a stream lost, by reason"
+    );
+    describe_counter!(
+        FRAMES_DELIVERED,
+        "Frames handed to each reader (output) of a stream"
     );
     describe_counter!(HTTP_REQUESTS, "HTTP requests by matched route and status");
 }
@@ -209,6 +214,12 @@ pub fn codec_name(codec: Codec) -> &'static str {
 pub fn frames_published(stream: &str, codec: Codec) -> Counter {
     handle();
     counter!(FRAMES_PUBLISHED, "stream" => stream.to_owned(), "codec" => codec_name(codec))
+}
+
+/// Frames handed to the reader `reader` of `stream`.
+pub fn frames_delivered(stream: &str, reader: &'static str) -> Counter {
+    handle();
+    counter!(FRAMES_DELIVERED, "stream" => stream.to_owned(), "reader" => reader)
 }
 
 /// Frames the reader `reader` of `stream` lost for `reason`.

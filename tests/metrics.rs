@@ -92,6 +92,15 @@ async fn metrics_move_during_a_publication_and_health_answers() {
     assert!(text.contains("whipgate_keyframe_requests_total "));
     // Receive statistics (every 2 s) and the transcoders' queue wait.
     assert!(text.contains("whipgate_nacks_sent_total "), "{text}");
+    // Frames per output (hub reader).
+    assert!(
+        value(
+            &text,
+            "whipgate_frames_delivered_total",
+            &["stream=\"m\"", "reader=\"hls\""]
+        ) > 100.0,
+        "{text}"
+    );
     assert!(
         text.contains("whipgate_packet_loss_ratio{stream=\"m\"}"),
         "{text}"
