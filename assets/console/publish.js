@@ -65,7 +65,10 @@ function preferCodec(transceiver, mime) {
   if (!first.length) return false;
   // Constrained baseline (42e0..) first: every decoder takes it.
   first.sort((a, b) => /profile-level-id=42e0/.test(b.sdpFmtpLine) - /profile-level-id=42e0/.test(a.sdpFmtpLine));
-  transceiver.setCodecPreferences([...first, ...codecs.filter((c) => !wanted(c))]);
+  // Only the chosen codec (and retransmission / FEC): the gateway takes
+  // H264 whenever an offer has it, so a VP8 choice must not offer H264.
+  const helpers = codecs.filter((c) => /\/(rtx|red|ulpfec|flexfec-03)$/i.test(c.mimeType));
+  transceiver.setCodecPreferences([...first, ...helpers]);
   return true;
 }
 
