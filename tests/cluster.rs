@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use reqwest::{StatusCode, header, redirect};
 use support::hls_check::{Expect, check_hls};
-use support::server::{Server, sample_mkv, wait_for};
+use support::server::{Server, publish_cli, sample_mkv, wait_for};
 use support::whip_http::{genuine_offer, header_str};
 
 fn no_redirects() -> reqwest::Client {
@@ -87,21 +87,14 @@ async fn offers_go_to_the_least_loaded_peer_and_its_session_url_works() {
     assert!(a.log().contains("offer redirected (307)"), "{}", a.log());
 
     // A real publisher pointed at a: it follows the 307 and b gets the HLS.
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_whipgate"))
-        .arg("publish")
-        .arg(sample_mkv())
-        .arg(a.url("/whip/through"))
-        .env("WHIPGATE_LOG", "warn")
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(30), out)
-        .await
-        .expect("publish finished in time")
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    publish_cli(
+        &sample_mkv(),
+        &a.url("/whip/through"),
+        &[],
+        "warn",
+        Duration::from_secs(30),
+    )
+    .await;
     assert!(!a.hls_dir("through").exists(), "a kept the stream");
     check_hls(
         &b,

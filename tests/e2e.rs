@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use support::hls_check::{Expect, check_hls, ended_playlist};
-use support::server::{Server, read_playlist, sample_mkv, wait_for};
+use support::server::{Server, publish_cli, read_playlist, sample_mkv, wait_for};
 use support::webrtc_publisher::{PublishOpts, extract_sample, publish};
 
 fn opts(server: &Server, stream: &str, dir: &Path, secs: u64) -> anyhow::Result<PublishOpts> {
@@ -371,19 +371,14 @@ async fn ice_restart_moves_media_to_a_new_path_in_the_same_session() {
     let server = Server::start("").unwrap();
     // `whipgate publish` restarts ICE from a new UDP socket 4 s in: the old
     // path is gone, so every frame after that came over the new one.
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_whipgate"))
-        .arg("publish")
-        .arg(sample_mkv())
-        .arg(server.url("/whip/moving"))
-        .args(["--ice-restart-after", "4"])
-        .env("WHIPGATE_LOG", "info")
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(30), out)
-        .await
-        .expect("publish finished in time")
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "whipgate publish: {stderr}");
+    let stderr = publish_cli(
+        &sample_mkv(),
+        &server.url("/whip/moving"),
+        &["--ice-restart-after", "4"],
+        "info",
+        Duration::from_secs(30),
+    )
+    .await;
     assert!(
         stderr.contains("ICE restart on a new UDP socket"),
         "{stderr}"
@@ -412,19 +407,14 @@ async fn ice_tcp_fallback_carries_a_whole_publication() {
     let server =
         Server::start_with_args("", &["--tcp-listen", &format!("127.0.0.1:{tcp}")]).unwrap();
     // A client that only has TCP: active candidates, RFC 4571 framing.
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_whipgate"))
-        .arg("publish")
-        .arg(sample_mkv())
-        .arg(server.url("/whip/overtcp"))
-        .arg("--ice-tcp")
-        .env("WHIPGATE_LOG", "warn,whipgate::publish=debug")
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(30), out)
-        .await
-        .expect("publish finished in time")
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "whipgate publish: {stderr}");
+    let stderr = publish_cli(
+        &sample_mkv(),
+        &server.url("/whip/overtcp"),
+        &["--ice-tcp"],
+        "warn,whipgate::publish=debug",
+        Duration::from_secs(30),
+    )
+    .await;
     assert!(
         stderr.contains("tcptype passive"),
         "no passive TCP candidate in the answer: {stderr}"
@@ -449,18 +439,14 @@ async fn vp8_publication_becomes_h264_hls() {
         .unwrap();
     assert!(status.success());
     let server = Server::start("").unwrap();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_whipgate"))
-        .arg("publish")
-        .arg(&webm)
-        .arg(server.url("/whip/vp8"))
-        .env("WHIPGATE_LOG", "warn,whipgate::publish=debug")
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(40), out)
-        .await
-        .expect("publish finished in time")
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "whipgate publish: {stderr}");
+    let stderr = publish_cli(
+        &webm,
+        &server.url("/whip/vp8"),
+        &[],
+        "warn,whipgate::publish=debug",
+        Duration::from_secs(40),
+    )
+    .await;
     assert!(stderr.contains("VP8/90000"), "VP8 was negotiated: {stderr}");
     // H264 + AAC, 640x360, clean, the whole duration, in sync.
     let playlist = check_hls(&server, "vp8", av(10.0)).await;

@@ -273,7 +273,11 @@ pub fn ffprobe_streams(input: &str) -> anyhow::Result<Vec<ProbedStream>> {
 /// A full decode with `ffmpeg -v error`: the error output (empty when clean).
 pub fn ffmpeg_decode_errors(input: &str) -> anyhow::Result<String> {
     let out = Command::new("ffmpeg")
-        .args(["-nostdin", "-v", "error", "-i", input, "-f", "null", "-"])
+        // Frames keep their own timestamps: with a guessed constant frame
+        // rate, ffmpeg's null muxer can report its own rounding of WebRTC
+        // arrival-jittered times as "non monotonically increasing dts".
+        .args(["-nostdin", "-v", "error", "-i", input])
+        .args(["-fps_mode", "passthrough", "-f", "null", "-"])
         .output()
         .context("running ffmpeg")?;
     let mut errors = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -281,4 +285,29 @@ pub fn ffmpeg_decode_errors(input: &str) -> anyhow::Result<String> {
         errors.push_str(&format!("\nffmpeg exited with {}", out.status));
     }
     Ok(errors)
+}
+
+/// Runs `whipgate publish FILE URL ARGS…` to its end (within `limit`),
+/// logging at `log`; panics unless it succeeds, and returns its stderr.
+pub async fn publish_cli(
+    file: &Path,
+    url: &str,
+    args: &[&str],
+    log: &str,
+    limit: Duration,
+) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_whipgate"))
+        .arg("publish")
+        .arg(file)
+        .arg(url)
+        .args(args)
+        .env("WHIPGATE_LOG", log)
+        .output();
+    let out = tokio::time::timeout(limit, out)
+        .await
+        .expect("whipgate publish finished in time")
+        .expect("whipgate publish ran");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "whipgate publish: {stderr}");
+    stderr
 }
