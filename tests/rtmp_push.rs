@@ -202,7 +202,7 @@ async fn push_without_audio_sends_video_only_at_once() -> anyhow::Result<()> {
     );
     let path = nginx.recording("keyD");
     let mut last = 0;
-    wait_for("the recording to settle", Duration::from_secs(5), || {
+    wait_for("the recording to settle", Duration::from_secs(15), || {
         let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
         let settled = len > 0 && len == last;
         last = len;

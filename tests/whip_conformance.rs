@@ -254,7 +254,7 @@ async fn trickled_candidates_reach_the_session() {
     // The UDP candidate reached str0m; the others did not.
     let log = support::server::wait_for(
         "the trickled candidate in the log",
-        Duration::from_secs(5),
+        Duration::from_secs(15),
         || {
             let log = server.log();
             log.contains("remote candidate trickled").then_some(log)

@@ -15,7 +15,7 @@ pub fn total(p: &MediaPlaylist) -> f64 {
 /// last segment is flushed after the publisher left.
 pub async fn ended_playlist(server: &Server, stream: &str) -> MediaPlaylist {
     let path = server.hls_dir(stream).join("index.m3u8");
-    wait_for("EXT-X-ENDLIST", Duration::from_secs(5), || {
+    wait_for("EXT-X-ENDLIST", Duration::from_secs(30), || {
         read_playlist(&path).ok().filter(|p| p.ended)
     })
     .await

@@ -253,7 +253,7 @@ pub async fn check_recording(path: &Path, expected: f64) -> anyhow::Result<()> {
 pub async fn check_recording_between(path: &Path, min: f64, max: f64) -> anyhow::Result<()> {
     // nginx closes the file when the stream is deleted; let it finish.
     let mut last = 0;
-    wait_for("the recording to settle", Duration::from_secs(5), || {
+    wait_for("the recording to settle", Duration::from_secs(15), || {
         let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
         let settled = len > 0 && len == last;
         last = len;
