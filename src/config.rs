@@ -244,6 +244,138 @@ pub struct HlsConfig {
     /// LL-HLS part target duration (`EXT-X-PART-INF:PART-TARGET`), seconds:
     /// no part is longer, and every video keyframe starts a new part.
     pub part_duration: f64,
+    /// Where segments and playlists are persisted (`[hls.storage]`).
+    pub storage: StorageConfig,
+}
+
+/// `[hls.storage]`: where the HLS outputs persist their files.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub kind: StorageKind,
+    /// `s3`: the bucket (it must exist).
+    pub bucket: Option<String>,
+    /// `s3`: the service's URL (MinIO, Ceph, R2, …); AWS when unset.
+    pub endpoint: Option<String>,
+    /// `s3`: the region; else `AWS_REGION` / `AWS_DEFAULT_REGION`, else
+    /// `us-east-1`.
+    pub region: Option<String>,
+    /// `s3`: keys are `{prefix}/{stream}/{file}`; empty: `{stream}/{file}`.
+    pub prefix: String,
+    /// `s3`: credentials; else `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY` from the environment.
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// `s3`: allow an `http://` endpoint (tests, a private network).
+    pub allow_http: bool,
+    /// Times a failed write or delete is tried again (with a doubling wait
+    /// from 0.25 s) before it is dropped.
+    pub retries: u32,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            kind: StorageKind::Local,
+            bucket: None,
+            endpoint: None,
+            region: None,
+            prefix: String::new(),
+            access_key_id: None,
+            secret_access_key: None,
+            allow_http: false,
+            retries: 3,
+        }
+    }
+}
+
+/// `hls.storage.kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    /// Files in `DATA_DIR/hls/{stream}/`, served by `/hls/` after the
+    /// stream's output has stopped too.
+    #[default]
+    Local,
+    /// Nothing persisted: viewers get the in-memory segments while the
+    /// output runs.
+    Memory,
+    /// An S3-compatible bucket.
+    S3,
+}
+
+impl StorageConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let key = |name: &str| format!("hls.storage.{name}");
+        if self.retries > 10 {
+            return Err(invalid(key("retries"), "must be at most 10"));
+        }
+        if self.kind != StorageKind::S3 {
+            let s3_only = [
+                ("bucket", self.bucket.is_some()),
+                ("endpoint", self.endpoint.is_some()),
+                ("region", self.region.is_some()),
+                ("prefix", !self.prefix.is_empty()),
+                ("access_key_id", self.access_key_id.is_some()),
+                ("secret_access_key", self.secret_access_key.is_some()),
+                ("allow_http", self.allow_http),
+            ];
+            if let Some((name, _)) = s3_only.iter().find(|(_, set)| *set) {
+                return Err(invalid(key(name), "is only used with kind = \"s3\""));
+            }
+            return Ok(());
+        }
+        let bucket = self.bucket.as_deref().unwrap_or_default();
+        let bucket_chars =
+            |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || ".-_".contains(c);
+        if !(3..=63).contains(&bucket.len()) || !bucket.chars().all(bucket_chars) {
+            return Err(invalid(
+                key("bucket"),
+                "needs a bucket name with kind = \"s3\": 3 to 63 lowercase letters, digits, `.`, `-` or `_`",
+            ));
+        }
+        if let Some(endpoint) = &self.endpoint {
+            let url = url::Url::parse(endpoint)
+                .map_err(|e| invalid(key("endpoint"), format!("`{endpoint}` is not a URL: {e}")))?;
+            match url.scheme() {
+                "https" => {}
+                "http" if self.allow_http => {}
+                "http" => {
+                    return Err(invalid(
+                        key("endpoint"),
+                        "is http://: set hls.storage.allow_http = true to allow unencrypted S3",
+                    ));
+                }
+                other => {
+                    return Err(invalid(
+                        key("endpoint"),
+                        format!("must be an http:// or https:// URL, not {other}:"),
+                    ));
+                }
+            }
+        }
+        if self.region.as_deref().is_some_and(|r| r.trim().is_empty()) {
+            return Err(invalid(key("region"), "must not be empty"));
+        }
+        let prefix = self.prefix.trim_matches('/');
+        if !prefix.is_empty()
+            && prefix
+                .split('/')
+                .any(|p| p.is_empty() || p == "." || p == ".." || p.contains(char::is_control))
+        {
+            return Err(invalid(
+                key("prefix"),
+                "must be `/`-separated names, without empty, `.` or `..` parts",
+            ));
+        }
+        if self.access_key_id.is_some() != self.secret_access_key.is_some() {
+            return Err(invalid(
+                key("access_key_id"),
+                "and hls.storage.secret_access_key go together: set both or neither (then the AWS_* environment variables are used)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// What the HLS output writes.
@@ -289,6 +421,7 @@ impl Default for HlsConfig {
             keep_extra: 2,
             format: HlsFormat::Mpegts,
             part_duration: 0.2,
+            storage: StorageConfig::default(),
         }
     }
 }
@@ -321,7 +454,7 @@ impl HlsConfig {
                 "must be between 0.1 and 2 seconds and at most half of hls.segment_duration",
             ));
         }
-        Ok(())
+        self.storage.validate()
     }
 }
 
@@ -922,6 +1055,84 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.stream("cam").tokens, vec!["camtoken1"]);
         assert_eq!(c.stream("other").tokens, vec!["default-token"]);
+    }
+
+    #[test]
+    fn hls_storage_kinds_and_their_errors() {
+        let c = Config::parse("", "t").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.hls.storage.kind, StorageKind::Local);
+        assert_eq!(c.hls.storage.retries, 3);
+        let c = Config::parse(DEFAULT_TOML, "t").unwrap();
+        assert_eq!(c.hls.storage, StorageConfig::default());
+        let c = Config::parse("[hls.storage]\nkind = \"memory\"\n", "t").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.hls.storage.kind, StorageKind::Memory);
+        let s3 = [
+            "[hls.storage]",
+            "kind = \"s3\"",
+            "bucket = \"live\"",
+            "endpoint = \"http://127.0.0.1:9000\"",
+            "allow_http = true",
+            "region = \"eu-west-1\"",
+            "prefix = \"/a/b/\"",
+            "access_key_id = \"id\"",
+            "secret_access_key = \"secret\"",
+        ]
+        .join("\n");
+        let c = Config::parse(&s3, "t").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.hls.storage.kind, StorageKind::S3);
+        assert_eq!(c.hls.storage.bucket.as_deref(), Some("live"));
+        crate::hls::storage::s3_client(&c.hls.storage).unwrap();
+
+        let e = Config::parse("[hls.storage]\nkind = \"ftp\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("ftp"), "{e}");
+        let e = Config::parse("[hls.storage]\nbuckett = \"x\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("buckett"), "{e}");
+        let s3_live = "kind = \"s3\"\nbucket = \"live\"\n";
+        for (bad, key) in [
+            ("kind = \"s3\"".to_owned(), "hls.storage.bucket"),
+            (
+                "kind = \"s3\"\nbucket = \"No/Slash\"".to_owned(),
+                "hls.storage.bucket",
+            ),
+            ("bucket = \"live\"".to_owned(), "hls.storage.bucket"),
+            (
+                "kind = \"memory\"\nprefix = \"x\"".to_owned(),
+                "hls.storage.prefix",
+            ),
+            (
+                format!("{s3_live}endpoint = \"http://h:9000\""),
+                "hls.storage.endpoint",
+            ),
+            (
+                format!("{s3_live}endpoint = \"ftp://h\""),
+                "hls.storage.endpoint",
+            ),
+            (
+                format!("{s3_live}endpoint = \"not a url\""),
+                "hls.storage.endpoint",
+            ),
+            (
+                format!("{s3_live}access_key_id = \"id\""),
+                "hls.storage.access_key_id",
+            ),
+            (format!("{s3_live}prefix = \"a//b\""), "hls.storage.prefix"),
+            (
+                format!("{s3_live}prefix = \"a/../b\""),
+                "hls.storage.prefix",
+            ),
+            (format!("{s3_live}region = \"\""), "hls.storage.region"),
+            ("retries = 11".to_owned(), "hls.storage.retries"),
+        ] {
+            let c = Config::parse(&format!("[hls.storage]\n{bad}\n"), "t").unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
+        // Storage is global: a stream cannot have its own.
+        let e = Config::parse("[streams.a.hls.storage]\nkind = \"memory\"\n", "t");
+        assert!(e.is_err());
     }
 
     #[test]

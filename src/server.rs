@@ -23,6 +23,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             config.server.data_dir.display()
         )
     })?;
+    crate::hls::storage::install(&config.hls.storage, config.server.data_dir.join("hls"))
+        .context("setting up hls.storage")?;
     let rtc = rtc::RtcHandle::start(
         config.webrtc.udp_listen,
         config.webrtc.tcp_listen,

@@ -31,6 +31,9 @@ const PUSH_BYTES: &str = "whipgate_push_bytes_total";
 const FRAMES_PUBLISHED: &str = "whipgate_frames_published_total";
 const FRAMES_DROPPED: &str = "whipgate_frames_dropped_total";
 const FRAMES_DELIVERED: &str = "whipgate_frames_delivered_total";
+const STORAGE_RETRIES: &str = "whipgate_storage_retries_total";
+const STORAGE_ERRORS: &str = "whipgate_storage_errors_total";
+const STORAGE_DROPPED: &str = "whipgate_storage_dropped_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -112,6 +115,18 @@ fn describe() {
         "Frames handed to each reader (output) of a stream"
     );
     describe_counter!(HTTP_REQUESTS, "HTTP requests by matched route and status");
+    describe_counter!(
+        STORAGE_RETRIES,
+        "HLS storage operations tried again after a failure, by backend and operation"
+    );
+    describe_counter!(
+        STORAGE_ERRORS,
+        "HLS storage operations given up after every retry failed, by backend and operation"
+    );
+    describe_counter!(
+        STORAGE_DROPPED,
+        "HLS storage operations dropped unattempted because the output's queue was full"
+    );
 }
 
 /// Process-wide counters without labels.
@@ -226,6 +241,25 @@ pub fn frames_delivered(stream: &str, reader: &'static str) -> Counter {
 pub fn frames_dropped(stream: &str, reader: &'static str, reason: &'static str) -> Counter {
     handle();
     counter!(FRAMES_DROPPED, "stream" => stream.to_owned(), "reader" => reader, "reason" => reason)
+}
+
+/// Failed HLS storage operations `op` (`put`, `delete`, `clear`) of
+/// `backend` (`local`, `memory`, `s3`) that are tried again.
+pub fn storage_retries(backend: &'static str, op: &'static str) -> Counter {
+    handle();
+    counter!(STORAGE_RETRIES, "backend" => backend, "op" => op)
+}
+
+/// HLS storage operations given up after their last retry.
+pub fn storage_errors(backend: &'static str, op: &'static str) -> Counter {
+    handle();
+    counter!(STORAGE_ERRORS, "backend" => backend, "op" => op)
+}
+
+/// HLS storage operations dropped before any try: the queue was full.
+pub fn storage_dropped(backend: &'static str) -> Counter {
+    handle();
+    counter!(STORAGE_DROPPED, "backend" => backend)
 }
 
 /// The exposition text: the recorder's metrics, then the process's CPU time

@@ -1,19 +1,23 @@
 //! The HLS output of one stream: a hub reader that feeds the segmenter
 //! (MPEG-TS, or fMP4 with LL-HLS parts) and keeps the stream's in-memory
 //! [`Store`] (playlist, recent segments, init segments, parts) up to date for
-//! the HTTP side, and writes segments, init segments and the playlist to the
-//! stream's directory. It lives as long as the stream: when the publisher
+//! the HTTP side, and stores segments, init segments and the playlist through
+//! the configured [`storage`] backend (the stream's directory by default).
+//! It lives as long as the stream: when the publisher
 //! leaves the playlist gets `EXT-X-ENDLIST`; when one comes back the playlist
 //! goes on with `EXT-X-DISCONTINUITY`.
 //!
-//! Files are written by a task of their own, in order, each to a temporary
-//! name and renamed (readers never see half a file), so a slow disk never
-//! delays a part. The file playlist is the plain rendering (no LL-HLS tags),
-//! written when a segment is complete, after the segment itself.
+//! Files are written by a task of their own, in order (on disk each to a
+//! temporary name and renamed: readers never see half a file), so slow
+//! storage never delays a part: failures are retried a few times, and when
+//! the queue is full an operation is dropped rather than waited for. The file
+//! playlist is the plain rendering (no LL-HLS tags), written when a segment
+//! is complete, after the segment itself.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -22,6 +26,7 @@ use tokio::sync::{mpsc, watch};
 use super::cmaf::{self, CmafConfig, CmafSegmenter};
 use super::playlist::{PartEntry, Playlist, PlaylistConfig, PlaylistFormat, SegmentHead};
 use super::segmenter::{Segment, Segmenter, SegmenterConfig};
+use super::storage::{self, Uploader};
 use super::store::{self, Changes, Edge, Store};
 use crate::config::{HlsConfig, HlsFormat};
 use crate::hub::{Hub, HubFrame, Publication};
@@ -30,7 +35,7 @@ use crate::telemetry;
 
 /// Frames queued for the HLS writer before it drops (about 10 s of media).
 const QUEUE: usize = 1024;
-/// File operations queued for the writer task before the output waits.
+/// File operations queued for the writer task; more are dropped.
 const DISK_QUEUE: usize = 256;
 /// Parts stay in memory this many target durations after they were made:
 /// listed for about three and a segment, downloadable three more after
@@ -105,13 +110,30 @@ enum DiskOp {
     Remove(String),
 }
 
+impl DiskOp {
+    fn name(&self) -> &str {
+        match self {
+            DiskOp::Write(name, _) | DiskOp::Remove(name) => name,
+        }
+    }
+}
+
+/// The writer task's queue.
+struct Disk {
+    tx: mpsc::Sender<DiskOp>,
+    /// Operations dropped on a full queue.
+    dropped: metrics::Counter,
+    /// Dropping since the last operation queued (one warning per run).
+    dropping: AtomicBool,
+}
+
 struct Output {
     hub: Arc<Hub>,
     config: HlsConfig,
     tracks: Tracks,
     playlist: Playlist,
     store: Arc<Store>,
-    disk: mpsc::Sender<DiskOp>,
+    disk: Disk,
     /// The publication being segmented, and its segmenter.
     current: Option<(Publication, Muxer)>,
     /// When the current publication's first frame reached this output.
@@ -150,12 +172,20 @@ pub async fn run(
 ) {
     let span = tracing::info_span!("hls", stream = %hub.name(), format = ?config.format);
     let mut sub = hub.subscribe("hls", tracks.codecs(config.format.is_fmp4()), QUEUE);
-    if let Err(e) = reset_dir(&dir).await {
-        tracing::error!(parent: &span, dir = %dir.display(), error = %e, "cannot prepare the HLS directory; HLS is off for this stream");
-        return;
-    }
-    let (disk, disk_rx) = mpsc::channel(DISK_QUEUE);
-    let writer = tokio::spawn(write_files(dir.clone(), disk_rx, span.clone()));
+    let uploader = match storage::open(&dir) {
+        Ok(uploader) => uploader,
+        Err(e) => {
+            tracing::error!(parent: &span, dir = %dir.display(), error = %e, "cannot open the HLS storage; HLS is off for this stream");
+            return;
+        }
+    };
+    let (tx, disk_rx) = mpsc::channel(DISK_QUEUE);
+    let disk = Disk {
+        tx,
+        dropped: telemetry::storage_dropped(uploader.kind()),
+        dropping: AtomicBool::new(false),
+    };
+    let writer = tokio::spawn(write_files(uploader, disk_rx, span.clone()));
     let store = Arc::new(Store::new());
     store::register(&dir, store.clone());
     let playlist_config = PlaylistConfig {
@@ -485,23 +515,47 @@ impl Output {
         self.send(DiskOp::Write(name, data)).await;
     }
 
+    /// Queues `op` for the writer without waiting: when storage is so far
+    /// behind that the queue is full, the operation is dropped and counted.
     async fn send(&self, op: DiskOp) {
         // The writer only stops once this output is gone.
-        let _ = self.disk.send(op).await;
+        match self.disk.tx.try_send(op) {
+            Err(mpsc::error::TrySendError::Full(op)) => {
+                self.disk.dropped.increment(1);
+                if !self.disk.dropping.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(stream = %self.hub.name(), file = op.name(), "HLS storage is behind: its queue is full, files are dropped");
+                }
+            }
+            _ => self.disk.dropping.store(false, Ordering::Relaxed),
+        }
     }
 }
 
-/// Writes and removes files in the order asked, until the output is gone.
-async fn write_files(dir: PathBuf, mut ops: mpsc::Receiver<DiskOp>, span: tracing::Span) {
-    while let Some(op) = ops.recv().await {
+/// Clears what an earlier run left, then writes and removes files in the
+/// order asked until the output is gone. A write that a later operation on
+/// the same file makes moot (storage catching up) is skipped.
+async fn write_files(storage: Uploader, mut ops: mpsc::Receiver<DiskOp>, span: tracing::Span) {
+    storage.clear(&span).await;
+    let mut pending = VecDeque::new();
+    loop {
+        while pending.len() < DISK_QUEUE {
+            let Ok(op) = ops.try_recv() else { break };
+            pending.push_back(op);
+        }
+        let op = match pending.pop_front() {
+            Some(op) => op,
+            None => match ops.recv().await {
+                Some(op) => op,
+                None => break,
+            },
+        };
         match op {
+            DiskOp::Write(name, _) if pending.iter().any(|later| later.name() == name) => {}
             DiskOp::Write(name, data) => {
-                if let Err(e) = write_atomic(&dir, &name, &data).await {
-                    tracing::error!(parent: &span, file = %name, error = %e, "cannot write HLS file");
-                }
+                storage.put(&name, data, &span).await;
             }
             DiskOp::Remove(name) => {
-                let _ = tokio::fs::remove_file(dir.join(&name)).await;
+                storage.delete(&name, &span).await;
             }
         }
     }
@@ -512,17 +566,7 @@ fn ticks_to_ms(ticks: i64) -> u64 {
     u64::try_from((ticks.max(0) * 1000 + CLOCK_HZ / 2) / CLOCK_HZ).unwrap_or(0)
 }
 
-/// Creates the directory, removing what an earlier run left in it.
-async fn reset_dir(dir: &Path) -> std::io::Result<()> {
-    match tokio::fs::remove_dir_all(dir).await {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    tokio::fs::create_dir_all(dir).await
-}
-
-async fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> std::io::Result<()> {
+pub(super) async fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> std::io::Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
     tokio::fs::write(&tmp, data).await?;
     tokio::fs::rename(&tmp, dir.join(name)).await

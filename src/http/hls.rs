@@ -63,6 +63,13 @@ impl Kind {
     }
 }
 
+/// The `Content-Type` and `Cache-Control` of an HLS file `name`
+/// (`index.m3u8`, `seg3.ts`, …) as `/hls/` serves it, for storage backends
+/// that serve it themselves.
+pub fn file_headers(name: &str) -> Option<(&'static str, &'static str)> {
+    Kind::of(name).map(Kind::headers)
+}
+
 /// `PREFIX<digits>SUFFIX` (no path tricks): the number.
 fn numbered(name: &str, prefix: &str, suffix: &str) -> Option<u64> {
     let digits = name.strip_prefix(prefix)?.strip_suffix(suffix)?;

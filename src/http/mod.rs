@@ -3,7 +3,7 @@
 mod api;
 mod console;
 mod health;
-mod hls;
+pub(crate) mod hls;
 mod rate_limit;
 pub mod serve;
 mod whip;
