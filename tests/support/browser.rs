@@ -149,9 +149,12 @@ impl Browser {
 impl Drop for Browser {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            // The process group of the browser (see `launch`).
+            // The process group of the browser (see `launch`). Not
+            // `kill -KILL -PGID`: procps-ng 4.0.2's kill reads that as
+            // kill(-1, SIGKILL), which kills every process of the user (as
+            // root: the whole machine). `-s KILL -- -PGID` is kill(-PGID).
             let _ = Command::new("kill")
-                .arg("-KILL")
+                .args(["-s", "KILL", "--"])
                 .arg(format!("-{}", child.id()))
                 .status();
             let _ = child.kill();
