@@ -25,6 +25,7 @@ use crate::media::h264::{
     nal_type, split_annexb,
 };
 use crate::media::time::SenderReport;
+use crate::media::{av1, vp8, vp9};
 use crate::rtc::ingest::{Depacketized, Ingest};
 use crate::rtc::{offer, trickle};
 use crate::rtmp::flv::{self, FlvFile, Metadata, TagKind};
@@ -38,6 +39,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("sdp_offer", sdp_offer),
     ("trickle_fragment", trickle_fragment),
     ("h264_depacketize", h264_depacketize),
+    ("video_depacketize", video_depacketize),
     ("ts_mux", ts_mux),
     ("flv_tag", flv_tag),
 ];
@@ -137,8 +139,8 @@ pub fn sdp_offer(data: &[u8]) {
             assert!(s.payloads[i + 1..].iter().all(|q| q.pt != p.pt));
         }
     }
-    let accept_vp8 = data.first().is_some_and(|b| b & 1 == 1);
-    if let Ok(accepted) = offer::check(sections, accept_vp8) {
+    let accept_non_h264 = data.first().is_some_and(|b| b & 1 == 1);
+    if let Ok(accepted) = offer::check(sections, accept_non_h264) {
         assert!(accepted.video.is_some() || accepted.audio.is_some());
         for s in accepted.video.iter().chain(&accepted.audio) {
             assert!(!s.port_zero);
@@ -147,7 +149,9 @@ pub fn sdp_offer(data: &[u8]) {
         if let Some(v) = &accepted.video {
             match accepted.video_codec {
                 Some(Codec::H264) => assert!(!v.h264_mode1().is_empty()),
-                Some(Codec::Vp8) => assert!(accept_vp8 && v.vp8().is_some()),
+                Some(c @ (Codec::Vp8 | Codec::Vp9 | Codec::Av1)) => {
+                    assert!(accept_non_h264 && v.transcoded_video(c).is_some());
+                }
                 other => panic!("video accepted as {other:?}"),
             }
         }
@@ -185,6 +189,7 @@ pub fn trickle_fragment(data: &[u8]) {
 /// frame (audio).
 struct IngestCheck {
     ingest: Ingest,
+    video: Codec,
     last_video_dts: Option<i64>,
     last_audio: Option<i64>,
     frames: Vec<(TrackKind, Frame)>,
@@ -192,8 +197,13 @@ struct IngestCheck {
 
 impl IngestCheck {
     fn new() -> Self {
+        Self::with_video(Codec::H264)
+    }
+
+    fn with_video(video: Codec) -> Self {
         Self {
-            ingest: Ingest::new(2, Codec::H264),
+            ingest: Ingest::new(2, video),
+            video,
             last_video_dts: None,
             last_audio: None,
             frames: Vec::new(),
@@ -208,7 +218,11 @@ impl IngestCheck {
         assert!(frame.pts >= 0, "negative timeline output {}", frame.pts);
         match kind {
             TrackKind::Video => {
-                check_video_frame(&frame, self.last_video_dts);
+                if self.video == Codec::H264 {
+                    check_video_frame(&frame, self.last_video_dts);
+                } else {
+                    check_whole_frame(&frame, self.video, self.last_video_dts);
+                }
                 self.last_video_dts = Some(frame.dts);
             }
             TrackKind::Audio => {
@@ -264,6 +278,29 @@ fn check_video_frame(frame: &Frame, previous_dts: Option<i64>) {
         let first_pps = nals.iter().position(|n| nal_type(n) == NAL_PPS);
         let first_slice = nals.iter().position(|n| h264::is_vcl(nal_type(n)));
         assert!(first_pps < first_slice, "IDR without PPS in front");
+    }
+}
+
+/// What ingest promises about each VP8, VP9 or AV1 frame: the negotiated
+/// codec, increasing times, a size, and the key flag on exactly the frames
+/// the bitstream parser calls keyframes (of the size the params give).
+fn check_whole_frame(frame: &Frame, codec: Codec, previous_dts: Option<i64>) {
+    assert_eq!(frame.codec(), codec);
+    assert_eq!(frame.dts, frame.pts);
+    if let Some(prev) = previous_dts {
+        assert!(frame.dts > prev, "DTS went from {prev} to {}", frame.dts);
+    }
+    let size = frame.params.picture_size().expect("a video size");
+    assert!(size.0 > 0 && size.1 > 0);
+    let keyframe_size = match codec {
+        Codec::Vp8 => vp8::keyframe_size,
+        Codec::Vp9 => vp9::keyframe_size,
+        _ => av1::keyframe_size,
+    };
+    let key = keyframe_size(&frame.data);
+    assert_eq!(frame.key, key.is_some(), "key flag");
+    if let Some(key) = key {
+        assert_eq!(key, size);
     }
 }
 
@@ -425,6 +462,24 @@ pub fn h264_depacketize(data: &[u8]) {
             .filter(|(k, _)| *k == TrackKind::Video)
             .count() as u64
     );
+}
+
+/// `video_depacketize`: what the ingest runs on the VP8, VP9 and AV1 frames
+/// str0m depacketizes (keyframe detection and sizes from the bitstream, the
+/// wait for a keyframe after a loss, increasing times).
+///
+/// First byte: the codec (VP8, VP9, AV1 for 0, 1, 2 modulo 3); the rest is
+/// a sequence of depacketized frames as in `h264_depacketize`.
+pub fn video_depacketize(data: &[u8]) {
+    video_ingest(data);
+}
+
+fn video_ingest(data: &[u8]) -> IngestCheck {
+    let mut input = Input::new(data);
+    let codec = Codec::TRANSCODED_VIDEO[usize::from(input.u8() % 3)];
+    let mut ingest = IngestCheck::with_video(codec);
+    ingest_packets(&mut ingest, &mut input);
+    ingest
 }
 
 // ---------------------------------------------------------------------------
@@ -895,6 +950,37 @@ pub fn flv_tag(data: &[u8]) {
                 };
                 out.push(kind, timestamp, input.chunk());
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `video_depacketize` seeds are a keyframe, an inter frame, two
+    /// after a loss, a keyframe and an inter frame: four frames come out,
+    /// two of them keys, and the checks above ran on them.
+    #[test]
+    fn video_seeds_start_on_keyframes_and_resync_after_a_loss() {
+        for (name, codec) in [
+            ("vp8", Codec::Vp8),
+            ("vp9", Codec::Vp9),
+            ("av1", Codec::Av1),
+        ] {
+            let path = format!(
+                "{}/fuzz/seeds/video_depacketize/{name}_loss_and_keyframe",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let ingest = video_ingest(&std::fs::read(path).unwrap());
+            assert_eq!(ingest.video, codec);
+            let keys: Vec<bool> = ingest
+                .frames
+                .iter()
+                .filter(|(k, _)| *k == TrackKind::Video)
+                .map(|(_, f)| f.key)
+                .collect();
+            assert_eq!(keys, [true, false, true, false], "{name}");
         }
     }
 }

@@ -87,7 +87,7 @@ pub struct Hub {
     last_frame_ms: AtomicU64,
     ingress: Mutex<Option<IngressStats>>,
     /// Frames published, per codec (indexed by [`codec_index`]).
-    published: [Counter; 4],
+    published: [Counter; 6],
 }
 
 fn codec_index(codec: Codec) -> usize {
@@ -96,6 +96,8 @@ fn codec_index(codec: Codec) -> usize {
         Codec::Opus => 1,
         Codec::Aac => 2,
         Codec::Vp8 => 3,
+        Codec::Vp9 => 4,
+        Codec::Av1 => 5,
     }
 }
 
@@ -135,8 +137,15 @@ impl Hub {
             created: Instant::now(),
             last_frame_ms: AtomicU64::new(0),
             ingress: Mutex::new(None),
-            published: [Codec::H264, Codec::Opus, Codec::Aac, Codec::Vp8]
-                .map(|c| telemetry::frames_published(name, c)),
+            published: [
+                Codec::H264,
+                Codec::Opus,
+                Codec::Aac,
+                Codec::Vp8,
+                Codec::Vp9,
+                Codec::Av1,
+            ]
+            .map(|c| telemetry::frames_published(name, c)),
         })
     }
 

@@ -134,8 +134,9 @@ struct PresetFile {
 pub struct Video {
     #[serde(default)]
     pub mode: VideoMode,
-    /// Video the outputs cannot take as published (VP8 from browsers):
-    /// `encode` it to H264 (the default), or `refuse` such offers (422).
+    /// Video the outputs cannot take as published (VP8, VP9, AV1 from
+    /// browsers): `encode` it to H264 (the default), or `refuse` such offers
+    /// (422).
     #[serde(default)]
     pub non_h264: NonH264,
     /// `[[video.renditions]]`, with `mode = "transcode"` only.
@@ -152,13 +153,14 @@ pub enum NonH264 {
 }
 
 impl Video {
-    /// The preset takes VP8 publishers (encoded to H264, or dropped).
-    pub fn accepts_vp8(&self) -> bool {
+    /// The preset takes VP8, VP9 and AV1 publishers (encoded to H264, or
+    /// dropped).
+    pub fn accepts_non_h264(&self) -> bool {
         self.mode == VideoMode::Drop || self.non_h264 == NonH264::Encode
     }
 
-    /// VP8 arriving on the stream is encoded to H264.
-    pub fn encodes_vp8(&self) -> bool {
+    /// VP8, VP9 or AV1 arriving on the stream is encoded to H264.
+    pub fn encodes_non_h264(&self) -> bool {
         self.mode != VideoMode::Drop && self.non_h264 == NonH264::Encode
     }
 }

@@ -38,12 +38,13 @@ use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, info, warn};
 use url::Url;
 
+use crate::media::av1;
 use crate::rtc::tcp::TcpLinks;
 
 /// Command line arguments of `whipgate publish`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct PublishArgs {
-    /// Media file with H264 or VP8 video and/or Opus audio (MKV, MP4, WebM, ...).
+    /// Media file with H264, VP8, VP9 or AV1 video and/or Opus audio (MKV, MP4, WebM, ...).
     pub file: PathBuf,
     /// WHIP endpoint URL, e.g. http://127.0.0.1:8080/whip/mystream
     pub url: String,
@@ -639,8 +640,10 @@ impl Session<'_> {
         let mut rtc = RtcConfig::new()
             .set_crypto_provider(Arc::new(str0m::crypto::from_feature_flags()))
             .clear_codecs()
-            .enable_h264(!self.info.vp8)
-            .enable_vp8(self.info.vp8)
+            .enable_h264(info.video_codec == Codec::H264)
+            .enable_vp8(info.video_codec == Codec::Vp8)
+            .enable_vp9(info.video_codec == Codec::Vp9)
+            .enable_av1(info.video_codec == Codec::Av1)
             .enable_opus(true, false)
             .build(Instant::now());
 
@@ -689,15 +692,16 @@ impl Session<'_> {
                     add_host_candidate(&mut rtc, addr, opts.ice_tcp);
                 }
             }
-            let video = video_mid.map(|mid| {
-                let codec = if info.vp8 { Codec::Vp8 } else { Codec::H264 };
-                Track::new(&mut rtc, mid, codec, info.h264_profile)
-            });
+            let video =
+                video_mid.map(|mid| Track::new(&mut rtc, mid, info.video_codec, info.h264_profile));
             let audio = audio_mid.map(|mid| Track::new(&mut rtc, mid, Codec::Opus, None));
             if video.as_ref().is_none_or(|t| t.pt.is_none())
                 && audio.as_ref().is_none_or(|t| t.pt.is_none())
             {
-                bail!("the WHIP server accepted neither H264 video nor Opus audio");
+                bail!(
+                    "the WHIP server accepted neither {} video nor Opus audio",
+                    info.video_codec
+                );
             }
             let driver = Driver {
                 rtc,
@@ -1548,8 +1552,8 @@ pub struct MediaInfo {
     pub audio: bool,
     /// `profile_idc << 16 | constraint flags << 8 | level_idc` from the first SPS.
     pub h264_profile: Option<u32>,
-    /// The video is VP8 (sent as it is, like H264).
-    pub vp8: bool,
+    /// The video's codec: H264, VP8, VP9 or AV1 (sent as it is).
+    pub video_codec: Codec,
 }
 
 /// Frames for the event loop: from the demuxer thread, or replayed from memory.
@@ -1665,7 +1669,7 @@ pub struct Demuxer {
     path: PathBuf,
     input: ffmpeg::format::context::Input,
     streams: Vec<StreamSel>,
-    h264: Option<H264ToAnnexB>,
+    video: VideoPackets,
     info: MediaInfo,
     /// First packet's time of the current pass, in µs of the file's timeline.
     origin_us: Option<i64>,
@@ -1681,12 +1685,12 @@ pub struct Demuxer {
 impl Demuxer {
     /// Opens `path` and picks the best H264 video stream and the best Opus audio stream.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
-        let (input, streams, h264, info) = open_input(path)?;
+        let (input, streams, video, info) = open_input(path)?;
         Ok(Self {
             path: path.to_owned(),
             input,
             streams,
-            h264,
+            video,
             info,
             origin_us: None,
             last_video_send_us: None,
@@ -1707,10 +1711,10 @@ impl Demuxer {
 
     /// Restarts from the beginning; timestamps continue after the last frame.
     pub fn restart(&mut self) -> anyhow::Result<()> {
-        let (input, streams, h264, _) = open_input(&self.path)?;
+        let (input, streams, video, _) = open_input(&self.path)?;
         self.input = input;
         self.streams = streams;
-        if let (Some(old), Some(new)) = (self.h264.as_mut(), h264) {
+        if let (VideoPackets::H264(old), VideoPackets::H264(new)) = (&mut self.video, video) {
             // Keep the parameter sets learnt so far only if the new pass brings none.
             if !new.params.sps.is_empty() {
                 *old = new;
@@ -1753,16 +1757,19 @@ impl Demuxer {
 
             let kind = sel.kind;
             let (key, data) = match kind {
-                FrameKind::Video => match self.h264.as_mut() {
-                    Some(conv) => match conv.convert(data, packet.is_key()) {
+                FrameKind::Video => match &mut self.video {
+                    VideoPackets::H264(conv) => match conv.convert(data, packet.is_key()) {
                         Ok(au) => au,
                         Err(e) => {
                             warn!("skipping a bad H264 packet: {e}");
                             continue;
                         }
                     },
-                    // VP8: each packet is one frame, sent as it is.
-                    None => (packet.is_key(), data.to_vec()),
+                    VideoPackets::Av1 { sequence_header } => (
+                        packet.is_key(),
+                        av1_temporal_unit(data, packet.is_key(), sequence_header),
+                    ),
+                    VideoPackets::AsIs => (packet.is_key(), data.to_vec()),
                 },
                 FrameKind::Audio => (false, data.to_vec()),
             };
@@ -1822,9 +1829,45 @@ impl Demuxer {
 type Opened = (
     ffmpeg::format::context::Input,
     Vec<StreamSel>,
-    Option<H264ToAnnexB>,
+    VideoPackets,
     MediaInfo,
 );
+
+/// How the video's packets become the frames sent.
+enum VideoPackets {
+    /// AVCC or Annex B to Annex B with parameter sets on keyframes.
+    H264(H264ToAnnexB),
+    /// Temporal units; keyframes get the sequence header OBU of the
+    /// stream's `av1C` in front when the container left it out.
+    Av1 { sequence_header: Vec<u8> },
+    /// VP8, VP9: each packet is one frame, sent as it is.
+    AsIs,
+}
+
+/// An AV1 temporal unit to send. A keyframe must carry the sequence header
+/// OBU: str0m's packetizer marks a new coded video sequence on it, and a
+/// receiver can only start decoding there.
+fn av1_temporal_unit(data: &[u8], key: bool, sequence_header: &[u8]) -> Vec<u8> {
+    let has_header =
+        av1::obus(data).is_some_and(|obus| obus.iter().any(|o| o.kind == av1::OBU_SEQUENCE_HEADER));
+    if key && !has_header {
+        [sequence_header, data].concat()
+    } else {
+        data.to_vec()
+    }
+}
+
+/// The sequence header OBU among an `av1C` record's configOBUs.
+fn av1c_sequence_header(av1c: &[u8]) -> Vec<u8> {
+    av1c.get(4..)
+        .and_then(av1::obus)
+        .and_then(|obus| {
+            obus.into_iter()
+                .find(|o| o.kind == av1::OBU_SEQUENCE_HEADER)
+        })
+        .map(|o| o.bytes.to_vec())
+        .unwrap_or_default()
+}
 
 fn open_input(path: &Path) -> anyhow::Result<Opened> {
     // ffmpeg-next panics on paths that are not UTF-8 or contain NUL; check first.
@@ -1840,12 +1883,12 @@ fn open_input(path: &Path) -> anyhow::Result<Opened> {
         ffmpeg::format::input(path).map_err(|e| anyhow!("cannot open {}: {e}", path.display()))?;
 
     let mut streams = Vec::new();
-    let mut h264 = None;
+    let mut video = VideoPackets::AsIs;
     let mut info = MediaInfo {
         video: false,
         audio: false,
         h264_profile: None,
-        vp8: false,
+        video_codec: Codec::H264,
     };
     for stream in input.streams() {
         let params = stream.parameters();
@@ -1857,16 +1900,25 @@ fn open_input(path: &Path) -> anyhow::Result<Opened> {
         match (params.medium(), params.id()) {
             (
                 ffmpeg::media::Type::Video,
-                id @ (ffmpeg::codec::Id::H264 | ffmpeg::codec::Id::VP8),
+                id @ (ffmpeg::codec::Id::H264
+                | ffmpeg::codec::Id::VP8
+                | ffmpeg::codec::Id::VP9
+                | ffmpeg::codec::Id::AV1),
             ) if !info.video => {
-                if id == ffmpeg::codec::Id::H264 {
-                    let conv = H264ToAnnexB::new(extradata(&params))
-                        .with_context(|| format!("H264 stream #{}", stream.index()))?;
-                    info.h264_profile = conv.profile();
-                    h264 = Some(conv);
-                } else {
-                    info.vp8 = true;
-                }
+                (info.video_codec, video) = match id {
+                    ffmpeg::codec::Id::H264 => {
+                        let conv = H264ToAnnexB::new(extradata(&params))
+                            .with_context(|| format!("H264 stream #{}", stream.index()))?;
+                        info.h264_profile = conv.profile();
+                        (Codec::H264, VideoPackets::H264(conv))
+                    }
+                    ffmpeg::codec::Id::AV1 => {
+                        let sequence_header = av1c_sequence_header(&extradata(&params));
+                        (Codec::Av1, VideoPackets::Av1 { sequence_header })
+                    }
+                    ffmpeg::codec::Id::VP9 => (Codec::Vp9, VideoPackets::AsIs),
+                    _ => (Codec::Vp8, VideoPackets::AsIs),
+                };
                 info.video = true;
                 let rate = stream.avg_frame_rate();
                 let default_duration_us = if rate.numerator() > 0 && rate.denominator() > 0 {
@@ -1892,8 +1944,8 @@ fn open_input(path: &Path) -> anyhow::Result<Opened> {
             }
             (ffmpeg::media::Type::Video | ffmpeg::media::Type::Audio, id) => {
                 warn!(
-                    "ignoring {:?} stream #{} ({id:?}): publish sends one H264 or VP8 and one \
-                     Opus stream without re-encoding",
+                    "ignoring {:?} stream #{} ({id:?}): publish sends one H264, VP8, VP9 or AV1 \
+                     and one Opus stream without re-encoding",
                     params.medium(),
                     stream.index()
                 );
@@ -1903,11 +1955,12 @@ fn open_input(path: &Path) -> anyhow::Result<Opened> {
     }
     if streams.is_empty() {
         bail!(
-            "{} has neither H264 video nor Opus audio (publish does not re-encode)",
+            "{} has neither H264, VP8, VP9 or AV1 video nor Opus audio (publish does not \
+             re-encode)",
             path.display()
         );
     }
-    Ok((input, streams, h264, info))
+    Ok((input, streams, video, info))
 }
 
 fn extradata(params: &ffmpeg::codec::Parameters) -> Vec<u8> {
@@ -2329,6 +2382,22 @@ mod tests {
         let e = Failure::err(FailureKind::HttpStatus(503), "busy".into()).context("POST");
         assert_eq!(failure_kind(&e), "http_503");
         assert_eq!(failure_kind(&anyhow!("x")), "other");
+    }
+
+    #[test]
+    fn av1_keyframes_get_the_sequence_header() {
+        let seq = [0x0a, 0x03, 0x00, 0x00, 0x00];
+        // av1C: marker/version, profile/level, flags, delay; then configOBUs.
+        let av1c = [&[0x81, 0x00, 0x0c, 0x00][..], &seq].concat();
+        assert_eq!(av1c_sequence_header(&av1c), seq);
+        assert!(av1c_sequence_header(&av1c[..4]).is_empty());
+        assert!(av1c_sequence_header(&[0x81, 0, 0, 0, 0x80]).is_empty());
+        let frame = [0x32, 0x02, 0x10, 0xaa];
+        let with = [&seq[..], &frame].concat();
+        assert_eq!(av1_temporal_unit(&frame, true, &seq), with);
+        // Already there, or not a keyframe: as it is.
+        assert_eq!(av1_temporal_unit(&with, true, &seq), with);
+        assert_eq!(av1_temporal_unit(&frame, false, &seq), frame);
     }
 
     #[test]

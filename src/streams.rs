@@ -249,9 +249,9 @@ impl Streams {
                 stop.clone(),
             )));
         }
-        // A VP8 publisher's video becomes H264 (idle for H264 publishers),
-        // with keyframes on the HLS segment grid.
-        if preset.video.encodes_vp8() {
+        // A VP8, VP9 or AV1 publisher's video becomes H264 (idle for H264
+        // publishers), with keyframes on the HLS segment grid.
+        if preset.video.encodes_non_h264() {
             let settings = transcode::video::VideoSettings {
                 keyframe_interval: (hls_config.segment_duration
                     * crate::media::frame::CLOCK_HZ as f64)
@@ -484,7 +484,7 @@ const MEASURE_WINDOW: Duration = Duration::from_secs(2);
 /// A hub reader that measures what the publisher sends (codecs, size,
 /// frame rate, bitrates) into `media`.
 async fn measure(hub: Arc<Hub>, media: Arc<Mutex<LiveMedia>>, mut stop: watch::Receiver<bool>) {
-    static CODECS: &[Codec] = &[Codec::H264, Codec::Vp8, Codec::Opus];
+    static CODECS: &[Codec] = &[Codec::H264, Codec::Vp8, Codec::Vp9, Codec::Av1, Codec::Opus];
     let mut sub = hub.subscribe("stats", CODECS, 256);
     let mut window = Instant::now();
     let (mut video_bytes, mut video_frames, mut audio_bytes) = (0u64, 0u64, 0u64);
@@ -498,10 +498,10 @@ async fn measure(hub: Arc<Hub>, media: Arc<Mutex<LiveMedia>>, mut stop: watch::R
                     window = Instant::now();
                     (video_bytes, video_frames, audio_bytes) = (0, 0, 0);
                 }
-                // A VP8 publisher's video comes back as H264 from the
-                // transcoder: what is measured is what was published.
-                let vp8 = m.video.as_ref().is_some_and(|v| v.codec == "vp8");
-                if vp8 && f.frame.codec() == Codec::H264 {
+                // A VP8, VP9 or AV1 publisher's video comes back as H264
+                // from the transcoder: what is measured is what was published.
+                let transcoded = m.video.as_ref().is_some_and(|v| v.codec != "h264");
+                if transcoded && f.frame.codec() == Codec::H264 {
                     continue;
                 }
                 let codec = telemetry::codec_name(f.frame.codec());
@@ -512,10 +512,8 @@ async fn measure(hub: Arc<Hub>, media: Arc<Mutex<LiveMedia>>, mut stop: watch::R
                         video_frames += 1;
                         let v = m.video.get_or_insert_with(VideoStats::default);
                         v.codec = codec;
-                        if let CodecParams::H264 { width, height, .. }
-                        | CodecParams::Vp8 { width, height } = *f.frame.params
-                        {
-                            (v.width, v.height) = (width, height);
+                        if let Some(size) = f.frame.params.picture_size() {
+                            (v.width, v.height) = size;
                         }
                         v.keyframes += u64::from(f.frame.key);
                     }

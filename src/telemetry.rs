@@ -222,6 +222,8 @@ pub fn codec_name(codec: Codec) -> &'static str {
         Codec::Opus => "opus",
         Codec::Aac => "aac",
         Codec::Vp8 => "vp8",
+        Codec::Vp9 => "vp9",
+        Codec::Av1 => "av1",
     }
 }
 

@@ -424,32 +424,37 @@ async fn ice_tcp_fallback_carries_a_whole_publication() {
     assert!(log.contains("ICE-TCP connection"), "{log}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn vp8_publication_becomes_h264_hls() {
-    // A VP8 + Opus file, as a browser would send: FFmpeg's libvpx.
+/// The sample re-encoded by FFmpeg with `encoder_args` (as a browser would
+/// send it: realtime settings) and Opus copied, published with `whipgate
+/// publish` to stream `name`: the HLS must be clean H264 + AAC, 640x360, the
+/// whole duration, in sync, cut in whole segments; `rtpmap` must have been
+/// negotiated.
+async fn transcoded_publication_becomes_h264_hls(name: &str, encoder_args: &str, rtpmap: &str) {
     let tmp = tempfile::tempdir().unwrap();
-    let webm = tmp.path().join("vp8.webm");
+    let webm = tmp.path().join(format!("{name}.webm"));
+    let started = Instant::now();
     let status = std::process::Command::new("ffmpeg")
         .args(["-nostdin", "-v", "error", "-i"])
         .arg(sample_mkv())
-        .args(["-c:v", "libvpx", "-deadline", "realtime", "-cpu-used", "8"])
+        .args(encoder_args.split_whitespace())
         .args(["-b:v", "1M", "-g", "90", "-c:a", "copy"])
         .arg(&webm)
         .status()
         .unwrap();
     assert!(status.success());
+    eprintln!("{name}: encoded in {:?}", started.elapsed());
     let server = Server::start("").unwrap();
     let stderr = publish_cli(
         &webm,
-        &server.url("/whip/vp8"),
+        &server.url(&format!("/whip/{name}")),
         &[],
         "warn,whipgate::publish=debug",
         Duration::from_secs(40),
     )
     .await;
-    assert!(stderr.contains("VP8/90000"), "VP8 was negotiated: {stderr}");
+    assert!(stderr.contains(rtpmap), "{rtpmap} was negotiated: {stderr}");
     // H264 + AAC, 640x360, clean, the whole duration, in sync.
-    let playlist = check_hls(&server, "vp8", av(10.0)).await;
+    let playlist = check_hls(&server, name, av(10.0)).await;
     // Keyframes are forced every segment duration: whole 2 s segments.
     let (_, last) = playlist.segments.split_last().unwrap();
     assert!(
@@ -459,19 +464,42 @@ async fn vp8_publication_becomes_h264_hls() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_preset_without_transcoding_refuses_vp8() {
+async fn vp8_publication_becomes_h264_hls() {
+    let libvpx = "-c:v libvpx -deadline realtime -cpu-used 8";
+    transcoded_publication_becomes_h264_hls("vp8", libvpx, "VP8/90000").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vp9_publication_becomes_h264_hls() {
+    let libvpx_vp9 = "-c:v libvpx-vp9 -deadline realtime -cpu-used 8 -row-mt 1";
+    transcoded_publication_becomes_h264_hls("vp9", libvpx_vp9, "VP9/90000").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn av1_publication_becomes_h264_hls() {
+    // libaom's realtime mode, as Chrome encodes AV1 (about 1 s here).
+    let libaom = "-c:v libaom-av1 -usage realtime -cpu-used 8";
+    transcoded_publication_becomes_h264_hls("av1", libaom, "AV1/90000").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preset_without_transcoding_refuses_vp8_vp9_and_av1() {
     let server = Server::start("[stream_defaults]\npreset = \"copy-all\"\n").unwrap();
-    let offer = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n\
-                 m=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\n\
-                 a=sendonly\r\na=rtpmap:96 VP8/90000\r\n";
-    let resp = reqwest::Client::new()
-        .post(server.url("/whip/novp8"))
-        .header("content-type", "application/sdp")
-        .body(offer)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 422);
-    let body = resp.text().await.unwrap();
-    assert!(body.contains("does not transcode VP8"), "{body}");
+    for codec in ["VP8", "VP9", "AV1"] {
+        let offer = format!(
+            "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n\
+             m=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\n\
+             a=sendonly\r\na=rtpmap:96 {codec}/90000\r\n"
+        );
+        let resp = reqwest::Client::new()
+            .post(server.url("/whip/novp8"))
+            .header("content-type", "application/sdp")
+            .body(offer)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 422, "{codec}");
+        let body = resp.text().await.unwrap();
+        assert!(body.contains("does not transcode VP8, VP9"), "{body}");
+    }
 }

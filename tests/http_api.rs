@@ -252,14 +252,15 @@ async fn refuses_what_it_cannot_take() {
         .expect("POST");
     expect_problem(resp, StatusCode::BAD_REQUEST, "not UTF-8").await;
 
-    // 422: a video codec we neither copy nor decode (VP9 only; VP8 is
-    // taken and encoded by the default preset, see tests/e2e.rs).
-    let vp9 = offer.replace("H264/90000", "VP9/90000");
-    assert_ne!(vp9, offer, "the genuine offer has no H264 rtpmap: {offer}");
-    let resp = post_sdp(&client, &server, "test", None, vp9)
+    // 422: a video codec we neither copy nor decode (H265 only; VP8, VP9
+    // and AV1 are taken and encoded by the default preset, see
+    // tests/e2e.rs).
+    let h265 = offer.replace("H264/90000", "H265/90000");
+    assert_ne!(h265, offer, "the genuine offer has no H264 rtpmap: {offer}");
+    let resp = post_sdp(&client, &server, "test", None, h265)
         .await
         .expect("POST");
-    let (_, body) = expect_problem(resp, StatusCode::UNPROCESSABLE_ENTITY, "VP9 only").await;
+    let (_, body) = expect_problem(resp, StatusCode::UNPROCESSABLE_ENTITY, "H265 only").await;
     assert!(detail(&body).contains("H264"), "{body}");
 
     // 422: the offer receives instead of sending.

@@ -55,7 +55,8 @@ async function getMedia() {
 }
 
 /** The chosen codec first (`video/h264` with packetization-mode=1, which the
- *  gateway ingests as is, or `video/vp8`, which it encodes to H264). */
+ *  gateway ingests as is, or `video/vp8`, `video/vp9`, `video/av1`, which it
+ *  encodes to H264). */
 function preferCodec(transceiver, mime) {
   if (!RTCRtpSender.getCapabilities || !transceiver.setCodecPreferences) return false;
   const codecs = RTCRtpSender.getCapabilities("video").codecs;
@@ -66,7 +67,8 @@ function preferCodec(transceiver, mime) {
   // Constrained baseline (42e0..) first: every decoder takes it.
   first.sort((a, b) => /profile-level-id=42e0/.test(b.sdpFmtpLine) - /profile-level-id=42e0/.test(a.sdpFmtpLine));
   // Only the chosen codec (and retransmission / FEC): the gateway takes
-  // H264 whenever an offer has it, so a VP8 choice must not offer H264.
+  // H264 whenever an offer has it (then VP8, VP9, AV1), so a VP9 choice
+  // must offer neither H264 nor VP8.
   const helpers = codecs.filter((c) => /\/(rtx|red|ulpfec|flexfec-03)$/i.test(c.mimeType));
   transceiver.setCodecPreferences([...first, ...helpers]);
   return true;

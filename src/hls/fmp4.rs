@@ -122,7 +122,10 @@ impl TrackConfig {
     /// rate for audio.
     pub fn timescale(&self) -> u32 {
         match &*self.params {
-            CodecParams::H264 { .. } | CodecParams::Vp8 { .. } => VIDEO_TIMESCALE,
+            CodecParams::H264 { .. }
+            | CodecParams::Vp8 { .. }
+            | CodecParams::Vp9 { .. }
+            | CodecParams::Av1 { .. } => VIDEO_TIMESCALE,
             CodecParams::Opus { sample_rate, .. } | CodecParams::Aac { sample_rate, .. } => {
                 *sample_rate
             }
@@ -176,7 +179,9 @@ impl TrackConfig {
                     return invalid("unusable AudioSpecificConfig");
                 }
             }
-            CodecParams::Vp8 { .. } => return invalid("VP8 is transcoded to H264 for HLS"),
+            CodecParams::Vp8 { .. } | CodecParams::Vp9 { .. } | CodecParams::Av1 { .. } => {
+                return invalid("VP8, VP9 and AV1 are transcoded to H264 for HLS");
+            }
         }
         Ok(())
     }
@@ -184,7 +189,10 @@ impl TrackConfig {
     /// Frame duration assumed for a last frame when no end time helps.
     fn default_frame_ticks(&self) -> i64 {
         match &*self.params {
-            CodecParams::H264 { .. } | CodecParams::Vp8 { .. } => CLOCK_HZ / 30,
+            CodecParams::H264 { .. }
+            | CodecParams::Vp8 { .. }
+            | CodecParams::Vp9 { .. }
+            | CodecParams::Av1 { .. } => CLOCK_HZ / 30,
             CodecParams::Opus { .. } => CLOCK_HZ / 50,
             CodecParams::Aac { sample_rate, .. } => 1024 * CLOCK_HZ / i64::from(*sample_rate),
         }
@@ -346,7 +354,9 @@ impl Fragmenter {
                 let (data, has_idr) = avcc_sample(&frame.data);
                 (Bytes::from(data), frame.key || has_idr)
             }
-            Codec::Opus | Codec::Aac | Codec::Vp8 => (frame.data.clone(), true),
+            Codec::Opus | Codec::Aac | Codec::Vp8 | Codec::Vp9 | Codec::Av1 => {
+                (frame.data.clone(), true)
+            }
         };
         if data.is_empty() {
             return Err(Fmp4Error::EmptySample(kind));
@@ -711,7 +721,7 @@ fn write_sample_entry(b: &mut Vec<u8>, config: &TrackConfig) {
             });
         }),
         // Refused by `TrackConfig::validate`.
-        CodecParams::Vp8 { .. } => {}
+        CodecParams::Vp8 { .. } | CodecParams::Vp9 { .. } | CodecParams::Av1 { .. } => {}
     }
 }
 

@@ -74,13 +74,13 @@ pub async fn post(
         .map_err(|_| AppError::BadSdp("the offer is not UTF-8".into()))?
         .to_owned();
     let sections = offer::parse(&sdp).map_err(|e| AppError::BadSdp(e.to_string()))?;
-    let accept_vp8 = app
+    let accept_non_h264 = app
         .streams
         .config()
         .preset_with(&settings)
         .video
-        .accepts_vp8();
-    let accepted = offer::check(sections, accept_vp8).map_err(|e| match e {
+        .accepts_non_h264();
+    let accepted = offer::check(sections, accept_non_h264).map_err(|e| match e {
         offer::OfferError::Malformed(m) => AppError::BadSdp(m),
         offer::OfferError::Unacceptable(m) => AppError::Unacceptable(m),
     })?;

@@ -21,12 +21,20 @@ pub enum Codec {
     Aac,
     /// Only from publishers; outputs get it transcoded to H264.
     Vp8,
+    /// Only from publishers, like VP8.
+    Vp9,
+    /// Only from publishers, like VP8.
+    Av1,
 }
 
 impl Codec {
+    /// Video that publishers send and outputs only get transcoded to H264,
+    /// in the order a WHIP answer prefers them (cheapest to decode first).
+    pub const TRANSCODED_VIDEO: [Codec; 3] = [Codec::Vp8, Codec::Vp9, Codec::Av1];
+
     pub fn kind(self) -> TrackKind {
         match self {
-            Codec::H264 | Codec::Vp8 => TrackKind::Video,
+            Codec::H264 | Codec::Vp8 | Codec::Vp9 | Codec::Av1 => TrackKind::Video,
             Codec::Opus | Codec::Aac => TrackKind::Audio,
         }
     }
@@ -65,6 +73,15 @@ pub enum CodecParams {
         width: u32,
         height: u32,
     },
+    Vp9 {
+        width: u32,
+        height: u32,
+    },
+    /// The size is the sequence header's maximum frame size.
+    Av1 {
+        width: u32,
+        height: u32,
+    },
 }
 
 impl CodecParams {
@@ -74,6 +91,19 @@ impl CodecParams {
             CodecParams::Opus { .. } => Codec::Opus,
             CodecParams::Aac { .. } => Codec::Aac,
             CodecParams::Vp8 { .. } => Codec::Vp8,
+            CodecParams::Vp9 { .. } => Codec::Vp9,
+            CodecParams::Av1 { .. } => Codec::Av1,
+        }
+    }
+
+    /// Width and height of video.
+    pub fn picture_size(&self) -> Option<(u32, u32)> {
+        match *self {
+            CodecParams::H264 { width, height, .. }
+            | CodecParams::Vp8 { width, height }
+            | CodecParams::Vp9 { width, height }
+            | CodecParams::Av1 { width, height } => Some((width, height)),
+            CodecParams::Opus { .. } | CodecParams::Aac { .. } => None,
         }
     }
 }
@@ -89,7 +119,9 @@ pub struct Frame {
     pub key: bool,
     /// H264: one Annex B access unit (start codes, SPS/PPS in front of IDRs).
     /// AAC: one raw AAC frame (no ADTS header). Opus: one Opus packet.
-    /// VP8: one frame as RFC 7741 depacketization gives it.
+    /// VP8: one frame as RFC 7741 depacketization gives it. VP9: one
+    /// picture (its spatial layers one after the other). AV1: one temporal
+    /// unit of OBUs with size fields, without temporal delimiter.
     pub data: Bytes,
     /// Codec configuration in force for this frame.
     pub params: Arc<CodecParams>,

@@ -540,6 +540,8 @@ fn negotiate(
         .clear_codecs()
         .enable_opus(accepted.audio.is_some(), false)
         .enable_vp8(accepted.video_codec == Some(FrameCodec::Vp8))
+        .enable_vp9(accepted.video_codec == Some(FrameCodec::Vp9))
+        .enable_av1(accepted.video_codec == Some(FrameCodec::Av1))
         // Receive statistics (loss, NACKs) every few seconds, for the API
         // and metrics; rarely enough to stay off the hot path.
         .set_stats_interval(Some(STATS_INTERVAL));
@@ -784,10 +786,14 @@ mod tests {
 
     /// A real offer from a (non-lite) str0m client sending H264 and Opus.
     fn client_offer() -> String {
+        client_offer_with(|c| c.enable_h264(true))
+    }
+
+    /// A real offer from a str0m client sending Opus and the video codecs
+    /// `video` enables.
+    fn client_offer_with(video: impl FnOnce(RtcConfig) -> RtcConfig) -> String {
         str0m::crypto::from_feature_flags().install_process_default();
-        let mut client = RtcConfig::new()
-            .clear_codecs()
-            .enable_h264(true)
+        let mut client = video(RtcConfig::new().clear_codecs())
             .enable_opus(true, false)
             .build(Instant::now());
         let addr: SocketAddr = "127.0.0.1:40000".parse().unwrap();
@@ -800,8 +806,12 @@ mod tests {
     }
 
     fn answer(offer_text: &str) -> Result<String, String> {
-        let accepted = offer::check(offer::parse(offer_text).map_err(|e| e.to_string())?, false)
-            .map_err(|e| e.to_string())?;
+        answer_transcoding(offer_text, false)
+    }
+
+    fn answer_transcoding(offer_text: &str, non_h264: bool) -> Result<String, String> {
+        let sections = offer::parse(offer_text).map_err(|e| e.to_string())?;
+        let accepted = offer::check(sections, non_h264).map_err(|e| e.to_string())?;
         let server: SocketAddr = "127.0.0.1:8189".parse().unwrap();
         let candidates = vec![Candidate::host(server, "udp").unwrap()];
         negotiate(offer_text, &accepted, None, candidates, Instant::now())
@@ -832,6 +842,46 @@ mod tests {
             .replace("profile-level-id=64001f", "profile-level-id=640032");
         let a = answer(&high).unwrap();
         assert!(a.contains("profile-level-id=640032"), "{a}");
+    }
+
+    /// The video lines of an SDP: `m=video` to the next `m=`.
+    fn video_section(sdp: &str) -> &str {
+        let start = sdp.find("m=video").expect("a video section");
+        let end = sdp[start + 1..]
+            .find("\r\nm=")
+            .map_or(sdp.len(), |e| start + e + 3);
+        &sdp[start..end]
+    }
+
+    #[test]
+    fn vp9_and_av1_offers_get_just_that_codec() {
+        // Chrome's AV1 fmtp, which str0m's client does not write.
+        let av1 = client_offer_with(|c| c.enable_av1(true));
+        let pt = av1
+            .lines()
+            .find_map(|l| l.strip_prefix("a=rtpmap:")?.strip_suffix(" AV1/90000"))
+            .expect("an AV1 rtpmap")
+            .to_owned();
+        let av1 = av1.replacen(
+            &format!("a=rtpmap:{pt} AV1/90000\r\n"),
+            &format!("a=rtpmap:{pt} AV1/90000\r\na=fmtp:{pt} level-idx=5;profile=0;tier=0\r\n"),
+            1,
+        );
+        let vp9 = client_offer_with(|c| c.enable_vp9(true));
+        let all = client_offer_with(|c| c.enable_vp9(true).enable_av1(true));
+        for (offer, name, absent) in [
+            (&av1, "AV1/90000", "VP9/90000"),
+            (&vp9, "VP9/90000", "AV1/90000"),
+            (&all, "VP9/90000", "AV1/90000"),
+        ] {
+            let a = answer_transcoding(offer, true).unwrap();
+            let video = video_section(&a);
+            assert!(video.contains(name) && !video.contains(absent), "{a}");
+            assert!(video.contains("a=recvonly"), "{a}");
+            // Refused without transcoding, before str0m sees it.
+            let e = answer_transcoding(offer, false).unwrap_err();
+            assert!(e.contains("does not transcode"), "{e}");
+        }
     }
 
     #[test]

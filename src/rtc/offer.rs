@@ -59,10 +59,17 @@ impl MediaSection {
             .collect()
     }
 
-    pub fn vp8(&self) -> Option<&Payload> {
+    /// The first payload of VP8, VP9 or AV1 (`codec`), any profile.
+    pub fn transcoded_video(&self, codec: Codec) -> Option<&Payload> {
+        let name = match codec {
+            Codec::Vp8 => "vp8",
+            Codec::Vp9 => "vp9",
+            Codec::Av1 => "av1",
+            Codec::H264 | Codec::Opus | Codec::Aac => return None,
+        };
         self.payloads
             .iter()
-            .find(|p| p.codec == "vp8" && p.clock_rate == 90000)
+            .find(|p| p.codec == name && p.clock_rate == 90000)
     }
 
     pub fn opus(&self) -> Option<&Payload> {
@@ -85,7 +92,8 @@ pub enum OfferError {
 pub struct Accepted {
     pub video: Option<MediaSection>,
     pub audio: Option<MediaSection>,
-    /// The video codec to negotiate: H264 whenever offered, else VP8.
+    /// The video codec to negotiate: H264 whenever offered, else the first
+    /// of VP8, VP9, AV1 offered (the cheapest to decode).
     pub video_codec: Option<Codec>,
 }
 
@@ -176,10 +184,10 @@ pub fn parse(sdp: &str) -> Result<Vec<MediaSection>, OfferError> {
 
 /// Applies the WHIP rules: at most one audio and one video section, each
 /// `sendonly` or `sendrecv`, each with a codec we take (H264 with
-/// packetization-mode 1, or VP8 when `accept_vp8`; Opus). Sections other
-/// than audio/video (data channels) are ignored. Anything else refuses the
-/// whole offer.
-pub fn check(sections: Vec<MediaSection>, accept_vp8: bool) -> Result<Accepted, OfferError> {
+/// packetization-mode 1, or VP8, VP9 or AV1 when `accept_non_h264`; Opus).
+/// Sections other than audio/video (data channels) are ignored. Anything
+/// else refuses the whole offer.
+pub fn check(sections: Vec<MediaSection>, accept_non_h264: bool) -> Result<Accepted, OfferError> {
     let mut video = None;
     let mut video_codec = None;
     let mut audio = None;
@@ -199,16 +207,20 @@ pub fn check(sections: Vec<MediaSection>, accept_vp8: bool) -> Result<Accepted, 
             )));
         }
         let slot = if s.kind == MediaKind::Video {
+            let transcoded = Codec::TRANSCODED_VIDEO
+                .into_iter()
+                .find(|&c| accept_non_h264 && s.transcoded_video(c).is_some());
             video_codec = if !s.h264_mode1().is_empty() {
                 Some(Codec::H264)
-            } else if accept_vp8 && s.vp8().is_some() {
-                Some(Codec::Vp8)
+            } else if transcoded.is_some() {
+                transcoded
             } else {
                 let offered: Vec<_> = s.payloads.iter().map(|p| p.codec.as_str()).collect();
-                let wanted = if accept_vp8 {
-                    "H264 with packetization-mode=1 or VP8"
+                let wanted = if accept_non_h264 {
+                    "H264 with packetization-mode=1, VP8, VP9 or AV1"
                 } else {
-                    "H264 with packetization-mode=1 (this stream's preset does not transcode VP8)"
+                    "H264 with packetization-mode=1 (this stream's preset does not transcode \
+                     VP8, VP9 or AV1)"
                 };
                 return Err(OfferError::Unacceptable(format!(
                     "no acceptable video codec: {wanted} is required, offered {offered:?}"
@@ -290,6 +302,38 @@ mod tests {
             "{CHROME}m=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendonly\r\na=rtpmap:111 opus/48000/2\r\n"
         );
         assert!(check(parse(&two).unwrap(), false).is_err());
+    }
+
+    /// Chrome's video section without H264 (as when H264 is filtered out
+    /// with setCodecPreferences, or absent from the build): VP8, VP9
+    /// profiles 0 and 2, AV1.
+    const NO_H264: &str = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 45 98 100 96\r\na=sendonly\r\n\
+        a=rtpmap:45 AV1/90000\r\na=fmtp:45 level-idx=5;profile=0;tier=0\r\n\
+        a=rtpmap:98 VP9/90000\r\na=fmtp:98 profile-id=0\r\n\
+        a=rtpmap:100 VP9/90000\r\na=fmtp:100 profile-id=2\r\n\
+        a=rtpmap:96 VP8/90000\r\n";
+
+    #[test]
+    fn without_h264_the_cheapest_to_decode_wins() {
+        let codec = |sdp: &str, accept| check(parse(sdp).unwrap(), accept).map(|a| a.video_codec);
+        assert_eq!(codec(NO_H264, true), Ok(Some(Codec::Vp8)));
+        let no_vp8 = NO_H264.replace("a=rtpmap:96 VP8/90000\r\n", "");
+        assert_eq!(codec(&no_vp8, true), Ok(Some(Codec::Vp9)));
+        let av1_only = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 45\r\na=sendonly\r\n\
+            a=rtpmap:45 AV1/90000\r\n";
+        assert_eq!(codec(av1_only, true), Ok(Some(Codec::Av1)));
+        // H264 whenever offered, even last.
+        assert_eq!(codec(CHROME, true), Ok(Some(Codec::H264)));
+        // A preset that transcodes nothing refuses them all.
+        for sdp in [NO_H264, &no_vp8, av1_only] {
+            let e = codec(sdp, false).unwrap_err();
+            assert!(e.to_string().contains("does not transcode"), "{e}");
+        }
+        // VP9 payload lookup, any profile.
+        let s = &parse(&no_vp8).unwrap()[0];
+        assert_eq!(s.transcoded_video(Codec::Vp9).map(|p| p.pt), Some(98));
+        assert_eq!(s.transcoded_video(Codec::Vp8), None);
+        assert_eq!(s.transcoded_video(Codec::H264), None);
     }
 
     #[test]

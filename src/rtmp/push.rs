@@ -983,7 +983,10 @@ impl Mux {
                     is_frame: true,
                 });
             }
-            CodecParams::Opus { .. } | CodecParams::Vp8 { .. } => {}
+            CodecParams::Opus { .. }
+            | CodecParams::Vp8 { .. }
+            | CodecParams::Vp9 { .. }
+            | CodecParams::Av1 { .. } => {}
         }
         Ok(out)
     }

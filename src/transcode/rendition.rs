@@ -47,7 +47,7 @@ pub async fn run_aac(hub: Arc<Hub>, settings: AacSettings, shutdown: watch::Rece
 pub async fn run_h264(hub: Arc<Hub>, settings: VideoSettings, shutdown: watch::Receiver<bool>) {
     let reader = Reader {
         name: "h264-transcoder",
-        codecs: &[Codec::Vp8],
+        codecs: &Codec::TRANSCODED_VIDEO,
         // About 4 s and 2 s at 30 fps.
         hub_queue: 120,
         thread_queue: 60,

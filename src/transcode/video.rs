@@ -125,10 +125,18 @@ impl ToH264 {
         if self.decoder.as_ref().is_none_or(|(c, _)| *c != codec) {
             let id = match codec {
                 Codec::Vp8 => codec::Id::VP8,
+                Codec::Vp9 => codec::Id::VP9,
+                Codec::Av1 => codec::Id::AV1,
                 Codec::H264 => codec::Id::H264,
                 other => return Err(TranscodeError::WrongCodec(other)),
             };
-            let found = decoder::find(id).ok_or(TranscodeError::CodecNotFound("video decoder"))?;
+            // FFmpeg's own AV1 decoder only drives hardware: take dav1d.
+            let by_name = (codec == Codec::Av1)
+                .then(|| decoder::find_by_name("libdav1d"))
+                .flatten();
+            let found = by_name
+                .or_else(|| decoder::find(id))
+                .ok_or(TranscodeError::CodecNotFound("video decoder"))?;
             let mut ctx = codec::Context::new_with_codec(found);
             ctx.set_time_base((1, CLOCK_HZ as i32));
             // One thread per stream: many streams share the cores.
