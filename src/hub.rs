@@ -54,7 +54,7 @@ const KEYFRAME_REQUEST_INTERVAL: Duration = Duration::from_millis(500);
 struct Reader {
     id: u64,
     name: &'static str,
-    codecs: &'static [Codec],
+    codecs: Vec<Codec>,
     tx: mpsc::Sender<HubFrame>,
     dropped: u64,
     /// Frames this reader lost since it subscribed, shared with its
@@ -158,7 +158,7 @@ impl Hub {
     pub fn subscribe(
         self: &Arc<Self>,
         name: &'static str,
-        codecs: &'static [Codec],
+        codecs: &[Codec],
         capacity: usize,
     ) -> Subscription {
         let (tx, frames) = mpsc::channel(capacity);
@@ -167,7 +167,7 @@ impl Hub {
         self.lock_readers().push(Reader {
             id,
             name,
-            codecs,
+            codecs: codecs.to_vec(),
             tx,
             dropped: 0,
             dropped_total: dropped.clone(),

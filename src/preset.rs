@@ -32,6 +32,7 @@ const SHIPPED: &[(&str, &str)] = &[
     ("abr-1080p", include_str!("../presets/abr-1080p.toml")),
     ("audio-only", include_str!("../presets/audio-only.toml")),
     ("screen", include_str!("../presets/screen.toml")),
+    ("simulcast", include_str!("../presets/simulcast.toml")),
 ];
 
 /// The preset of a stream that names none.
@@ -187,6 +188,9 @@ pub struct Rendition {
     /// The published video, copied, as one rendition of the ladder.
     #[serde(default)]
     pub source: bool,
+    /// The simulcast layer with this RID (RFC 8851), copied, as one
+    /// rendition of the ladder: no encoding cost.
+    pub simulcast: Option<String>,
     /// Output codec (only `h264` for now).
     pub codec: Option<VideoCodec>,
     /// `libx264` (default), `h264_nvenc`, `h264_vaapi`, or `auto`.
@@ -511,7 +515,11 @@ impl Preset {
     pub fn copies_video(&self) -> bool {
         match self.video.mode {
             VideoMode::Copy => true,
-            VideoMode::Transcode => self.video.renditions.iter().any(|r| r.source),
+            VideoMode::Transcode => self
+                .video
+                .renditions
+                .iter()
+                .any(|r| r.source || r.simulcast.is_some()),
             VideoMode::Drop => false,
         }
     }
@@ -545,7 +553,7 @@ impl Preset {
                 let mut source = None;
                 for (i, r) in v.renditions.iter().enumerate() {
                     let key = format!("video.renditions[{i}]");
-                    if !valid_name(&r.name) || r.name.len() > 32 {
+                    if !valid_rendition_name(&r.name) {
                         return Err(err(
                             format!("{key}.name"),
                             format!(
@@ -560,7 +568,32 @@ impl Preset {
                             format!("`{}` is already the name of another rendition", r.name),
                         ));
                     }
-                    if r.source {
+                    if let Some(rid) = &r.simulcast {
+                        if r.source {
+                            return Err(err(
+                                format!("{key}.simulcast"),
+                                "a rendition is the source or a simulcast layer, not both",
+                            ));
+                        }
+                        if !valid_rid(rid) {
+                            return Err(err(
+                                format!("{key}.simulcast"),
+                                format!(
+                                    "`{rid}`: a simulcast RID uses letters, digits, '-' and '_' (1 to 16)"
+                                ),
+                            ));
+                        }
+                        let earlier = v.renditions[..i]
+                            .iter()
+                            .position(|o| o.simulcast.as_deref() == Some(rid));
+                        if let Some(j) = earlier {
+                            return Err(err(
+                                format!("{key}.simulcast"),
+                                format!("layer `{rid}` is already video.renditions[{j}]"),
+                            ));
+                        }
+                        validate_copied(r, &key, "simulcast (a published layer, copied)")?;
+                    } else if r.source {
                         if let Some(first) = source {
                             return Err(err(
                                 format!("{key}.source"),
@@ -570,12 +603,15 @@ impl Preset {
                             ));
                         }
                         source = Some(i);
-                        validate_source(r, &key)?;
+                        validate_copied(r, &key, "source = true (the published video, copied)")?;
                     } else {
                         validate_encoded(r, &key)?;
                     }
                 }
-                if v.renditions.iter().all(|r| r.source) {
+                if v.renditions
+                    .iter()
+                    .all(|r| r.source && r.simulcast.is_none())
+                {
                     return Err(err(
                         "video.renditions",
                         "a ladder with only the source rendition is video.mode = \"copy\"",
@@ -632,8 +668,14 @@ fn err(key: impl Into<String>, message: impl Into<String>) -> (String, String) {
     (key.into(), message.into())
 }
 
-/// The source rendition is the published video: it takes no encoding keys.
-fn validate_source(r: &Rendition, key: &str) -> Result<(), (String, String)> {
+/// A simulcast RID as presets name it.
+fn valid_rid(rid: &str) -> bool {
+    name_of(rid, 16)
+}
+
+/// The source rendition and simulcast layers are published video: they take
+/// no encoding keys.
+fn validate_copied(r: &Rendition, key: &str, what: &str) -> Result<(), (String, String)> {
     let set = [
         ("codec", r.codec.is_some()),
         ("encoder", r.encoder.is_some()),
@@ -652,7 +694,7 @@ fn validate_source(r: &Rendition, key: &str) -> Result<(), (String, String)> {
     match set.iter().find(|(_, set)| *set) {
         Some((k, _)) => Err(err(
             format!("{key}.{k}"),
-            "not allowed with source = true (the published video, copied)",
+            format!("not allowed with {what}"),
         )),
         None => Ok(()),
     }
@@ -776,9 +818,20 @@ fn check_tune(key: &str, tune: &str) -> Result<(), (String, String)> {
     Ok(())
 }
 
+/// Rendition names: letters, digits, `-` and `_`, 1 to 32 (a directory
+/// of the stream's HLS).
+pub fn valid_rendition_name(name: &str) -> bool {
+    valid_name(name) && name.len() <= 32
+}
+
 /// Preset and rendition names: they appear in paths and playlists.
 fn valid_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
+    name_of(name, 64)
+}
+
+/// 1 to `max` letters, digits, `-` and `_`.
+fn name_of(name: &str, max: usize) -> bool {
+    (1..=max).contains(&name.len())
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
@@ -944,7 +997,8 @@ mod tests {
                 "audio-only",
                 "copy-all",
                 "passthrough",
-                "screen"
+                "screen",
+                "simulcast"
             ]
         );
         // The repository's presets/ directory is the same set.
@@ -1130,6 +1184,28 @@ bitrate = 1400000
                 "[[video.renditions]]\nname = \"again\"\nsource = true".into(),
                 "video.renditions[2].source",
                 "only one source",
+            ),
+            (
+                "[[video.renditions]]\nname = \"l\"\nsimulcast = \"l\"\nbitrate = 90000".into(),
+                "video.renditions[2].bitrate",
+                "not allowed with simulcast",
+            ),
+            (
+                "[[video.renditions]]\nname = \"l\"\nsimulcast = \"l;m\"".into(),
+                "video.renditions[2].simulcast",
+                "letters, digits",
+            ),
+            (
+                "[[video.renditions]]\nname = \"l\"\nsimulcast = \"l\"\nsource = true".into(),
+                "video.renditions[2].simulcast",
+                "not both",
+            ),
+            (
+                "[[video.renditions]]\nname = \"l\"\nsimulcast = \"q\"\n\
+                 [[video.renditions]]\nname = \"l2\"\nsimulcast = \"q\""
+                    .into(),
+                "video.renditions[3].simulcast",
+                "already video.renditions[2]",
             ),
             (
                 "[audio]\nmode = \"copy\"\nbitrate = 96000".into(),
@@ -1360,7 +1436,7 @@ bitrate = 1400000
         assert_eq!(
             e,
             "invalid value for `streams.cam.preset`: unknown preset `abr-4k` (available: \
-             abr-1080p, abr-720p, audio-only, copy-all, passthrough, screen)"
+             abr-1080p, abr-720p, audio-only, copy-all, passthrough, screen, simulcast)"
         );
         let c = Config::parse(
             "[stream_defaults]\npreset = \"copy-all\"\n[streams.cam]\npreset = \"screen\"\n",

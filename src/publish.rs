@@ -30,7 +30,9 @@ use anyhow::{Context, anyhow, bail};
 use ffmpeg_next as ffmpeg;
 use str0m::change::{SdpAnswer, SdpPendingOffer};
 use str0m::format::{Codec, PayloadParams};
-use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid, Pt};
+use str0m::media::{
+    Direction, Frequency, MediaKind, MediaTime, Mid, Pt, Rid, Simulcast, SimulcastLayer,
+};
 use str0m::net::{Protocol, Receive, TcpType};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 use tokio::net::UdpSocket;
@@ -78,12 +80,17 @@ pub struct PublishArgs {
     /// ones, as a client behind a UDP-blocking firewall would.
     #[arg(long)]
     pub ice_tcp: bool,
+    /// Publish simulcast (RFC 8853): the FILE's video is the first layer, RID `h`, and each
+    /// `RID=FILE` adds a layer with that file's video (encode the files with keyframes at the
+    /// same times, as a simulcast encoder does). The offer lists the layers in this order.
+    #[arg(long, value_name = "RID=FILE")]
+    pub simulcast: Vec<String>,
 }
 
 /// Everything [`publish`] needs.
 #[derive(Debug, Clone)]
 pub struct PublishOptions {
-    /// Media file with H264 or VP8 video and/or Opus audio.
+    /// Media file with H264, VP8, VP9 or AV1 video and/or Opus audio.
     pub file: PathBuf,
     /// WHIP endpoint URL.
     pub url: String,
@@ -99,6 +106,9 @@ pub struct PublishOptions {
     pub ice_restart_after: Option<Duration>,
     /// ICE over TCP only.
     pub ice_tcp: bool,
+    /// Extra simulcast layers (RID, file with the layer's video); the main
+    /// file's video is then layer `h`.
+    pub simulcast: Vec<(String, PathBuf)>,
 }
 
 impl PublishOptions {
@@ -113,6 +123,7 @@ impl PublishOptions {
             progress_interval: Duration::from_secs(5),
             ice_restart_after: None,
             ice_tcp: false,
+            simulcast: Vec::new(),
         }
     }
 }
@@ -177,6 +188,24 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
     opts.connect_timeout = Duration::try_from_secs_f64(args.connect_timeout)
         .context("--connect-timeout is out of range")?;
     opts.ice_tcp = args.ice_tcp;
+    for layer in &args.simulcast {
+        let Some((rid, file)) = layer.split_once('=') else {
+            bail!("--simulcast takes RID=FILE, not {layer:?}");
+        };
+        let valid = (1..=16).contains(&rid.len())
+            && rid
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'));
+        if !valid || rid == MAIN_RID || opts.simulcast.iter().any(|(r, _)| r == rid) {
+            bail!(
+                "--simulcast: {rid:?} is not a new RID (letters, digits, '-', '_'; `h` is the main file's)"
+            );
+        }
+        opts.simulcast.push((rid.to_owned(), PathBuf::from(file)));
+    }
+    if !opts.simulcast.is_empty() && args.sessions > 1 {
+        bail!("--simulcast publishes one session");
+    }
     if args.ice_tcp && args.ice_restart_after.is_some() {
         bail!(
             "--ice-restart-after moves to a new UDP socket: it cannot be combined with --ice-tcp"
@@ -571,11 +600,29 @@ async fn publish_with(
         verbose,
         live,
     };
+    let source = if opts.simulcast.is_empty() {
+        Source::Demux(demuxer)
+    } else {
+        drop(demuxer);
+        let (file, layers) = (opts.file.clone(), opts.simulcast.clone());
+        let clip = tokio::task::spawn_blocking(move || Clip::load_simulcast(&file, &layers))
+            .await
+            .context("demuxer thread failed")??;
+        Source::Clip(Arc::new(clip))
+    };
     let mut stats = PublishStats::default();
     session
-        .run(Source::Demux(demuxer), shutdown, &mut stats)
+        .run(source, shutdown, &mut stats)
         .await
         .map(|()| stats)
+}
+
+/// The RID of the main file's video when publishing simulcast.
+const MAIN_RID: &str = "h";
+
+/// The simulcast RIDs, layer 0 (the main file) first.
+fn simulcast_rids(opts: &PublishOptions) -> impl Iterator<Item = &str> {
+    std::iter::once(MAIN_RID).chain(opts.simulcast.iter().map(|(rid, _)| rid.as_str()))
 }
 
 fn parse_whip_url(s: &str) -> anyhow::Result<Url> {
@@ -657,9 +704,16 @@ impl Session<'_> {
         }
 
         let mut api = rtc.sdp_api();
+        let simulcast = (!opts.simulcast.is_empty()).then(|| {
+            let mut s = Simulcast::new();
+            for rid in simulcast_rids(opts) {
+                s.add_send_layer(SimulcastLayer::new(rid));
+            }
+            s
+        });
         let video_mid = info
             .video
-            .then(|| api.add_media(MediaKind::Video, Direction::SendOnly, None, None, None));
+            .then(|| api.add_media(MediaKind::Video, Direction::SendOnly, None, None, simulcast));
         let audio_mid = info
             .audio
             .then(|| api.add_media(MediaKind::Audio, Direction::SendOnly, None, None, None));
@@ -1447,9 +1501,13 @@ impl Driver<'_> {
         };
         let ticks = rescale(frame.pts_us, clock.get());
         let len = frame.data.len() as u64;
-        let Some(writer) = self.rtc.writer(mid) else {
+        let Some(mut writer) = self.rtc.writer(mid) else {
             return Ok(());
         };
+        if frame.kind == FrameKind::Video && !self.opts.simulcast.is_empty() {
+            let rid = simulcast_rids(self.opts).nth(usize::from(frame.layer));
+            writer = writer.rid(Rid::from(rid.unwrap_or(MAIN_RID)));
+        }
         writer
             .write(
                 pt,
@@ -1543,6 +1601,8 @@ pub struct MediaFrame {
     pub data: Arc<[u8]>,
     /// Pass through the file: 0 the first time, 1 after the first restart (`--loop`), ...
     pub pass: u64,
+    /// Simulcast layer: 0 the main file's, `n` the `n`th `--simulcast` file's.
+    pub layer: u8,
 }
 
 /// What the file offers.
@@ -1615,6 +1675,35 @@ impl Clip {
     }
 }
 
+impl Clip {
+    /// The main file, and the video of each simulcast layer's file as
+    /// layers 1, 2, …, merged in sending order.
+    pub fn load_simulcast(main: &Path, layers: &[(String, PathBuf)]) -> anyhow::Result<Self> {
+        let mut clip = Self::load(main)?;
+        if clip.info.video_codec != Codec::H264 || !clip.info.video {
+            bail!("--simulcast needs H264 video in {}", main.display());
+        }
+        for (n, (rid, path)) in layers.iter().enumerate() {
+            let layer = Self::load(path)?;
+            if layer.info.video_codec != Codec::H264 || !layer.info.video {
+                bail!("simulcast layer {rid}: no H264 video in {}", path.display());
+            }
+            let number = u8::try_from(n + 1).context("too many simulcast layers")?;
+            clip.bytes += layer.bytes;
+            clip.pass_len_us = clip.pass_len_us.max(layer.pass_len_us);
+            clip.frames.extend(
+                layer
+                    .frames
+                    .into_iter()
+                    .filter(|f| f.kind == FrameKind::Video)
+                    .map(|f| MediaFrame { layer: number, ..f }),
+            );
+        }
+        clip.frames.sort_by_key(|f| f.send_at);
+        Ok(clip)
+    }
+}
+
 /// A session's position in a shared [`Clip`]; looping shifts timestamps by one pass each time,
 /// as [`Demuxer::restart`] does.
 struct ClipCursor {
@@ -1652,6 +1741,7 @@ impl ClipCursor {
             pts_us: f.pts_us.saturating_add(offset_us),
             data: f.data.clone(),
             pass: self.pass,
+            layer: f.layer,
         })
     }
 }
@@ -1799,6 +1889,7 @@ impl Demuxer {
                 pts_us: pts_out.max(0).unsigned_abs(),
                 data: data.into(),
                 pass: self.loops,
+                layer: 0,
             }));
         }
     }

@@ -16,8 +16,8 @@ use tokio::task::JoinHandle;
 use crate::config::{Config, HlsConfig, StreamConfig};
 use crate::error::AppError;
 use crate::hub::Hub;
-use crate::media::frame::{Codec, CodecParams, TrackKind};
-use crate::preset::{AudioMode, Preset, VideoMode};
+use crate::media::frame::{CLOCK_HZ, Codec, CodecParams, TrackKind};
+use crate::preset::{AudioMode, Gop, Preset, VideoMode};
 use crate::rtmp::push::{self, PushHandle, PushOptions};
 use crate::rtmp::target::Target;
 use crate::state::StreamStore;
@@ -45,6 +45,9 @@ impl SessionInfo {
 pub struct Stream {
     pub name: String,
     pub hub: Arc<Hub>,
+    /// The renditions the outputs carry, the first one pushed over RTMP:
+    /// the publisher's hub itself, or the hubs of encoded renditions.
+    pub renditions: Vec<RenditionHub>,
     /// What the outputs are made of (`streams.NAME.preset`).
     pub preset: Arc<Preset>,
     /// The HLS settings the HLS output runs with.
@@ -65,6 +68,14 @@ pub struct Stream {
 }
 
 impl Stream {
+    /// The simulcast layers the preset takes as renditions: RID and hub.
+    pub fn layers(&self) -> Vec<(String, Arc<Hub>)> {
+        self.renditions
+            .iter()
+            .filter_map(|r| Some((r.rid.clone()?, r.hub.clone())))
+            .collect()
+    }
+
     /// A publisher is connected or connecting.
     pub fn busy(&self) -> bool {
         lock(&self.session).is_some()
@@ -232,13 +243,6 @@ impl Streams {
         }
         let retire = Arc::new(Notify::new());
         let stop = stop_signal(self.shutdown.clone(), retire.clone());
-        if preset.video.mode == VideoMode::Transcode {
-            tracing::warn!(
-                stream = name,
-                preset = %preset.name,
-                "the preset's video renditions are not encoded yet: the video is copied as published"
-            );
-        }
         let mut outputs = Vec::new();
         // Only an AAC preset transcodes the Opus; with `copy` and `drop`
         // the outputs that need AAC (MPEG-TS HLS, RTMP) go without audio.
@@ -249,33 +253,71 @@ impl Streams {
                 stop.clone(),
             )));
         }
-        // A VP8, VP9 or AV1 publisher's video becomes H264 (idle for H264
-        // publishers), with keyframes on the HLS segment grid.
-        if preset.video.encodes_non_h264() {
-            let settings = transcode::video::VideoSettings {
-                keyframe_interval: (hls_config.segment_duration
-                    * crate::media::frame::CLOCK_HZ as f64)
-                    .round() as i64,
-                ..Default::default()
+        let tracks = output_tracks(&preset);
+        let (renditions, rungs) = ladder(name, &hub, &preset, &hls_config);
+        if !rungs.is_empty() {
+            let audio: &[Codec] = if tracks.audio {
+                &[Codec::Aac]
+            } else if tracks.opus {
+                &[Codec::Opus]
+            } else {
+                &[]
             };
             outputs.push(tokio::spawn(transcode::rendition::run_h264(
                 hub.clone(),
-                settings,
+                rungs,
+                audio,
                 stop.clone(),
             )));
         }
-        let hls_output = hls::output::run(
-            hub.clone(),
-            hls_config.clone(),
-            self.config.server.data_dir.join("hls").join(name),
-            output_tracks(&preset),
-            stop.clone(),
-        );
+        // One rendition: its HLS is the stream's. Several: one media
+        // playlist each under `NAME/`, and the master playlist.
+        let dir = self.config.server.data_dir.join("hls").join(name);
+        let mut hls_outputs = Vec::new();
+        if let [only] = renditions.as_slice() {
+            hls_outputs.push(tokio::spawn(hls::output::run(
+                only.hub.clone(),
+                hls_config.clone(),
+                dir.clone(),
+                tracks,
+                None,
+                stop.clone(),
+            )));
+        } else {
+            let names: Arc<[String]> = renditions.iter().map(|r| r.name.clone()).collect();
+            let (tx, rx) = watch::channel(vec![Default::default(); renditions.len()]);
+            for (index, r) in renditions.iter().enumerate() {
+                let report = hls::master::Report {
+                    tx: tx.clone(),
+                    index,
+                    names: names.clone(),
+                };
+                hls_outputs.push(tokio::spawn(hls::output::run(
+                    r.hub.clone(),
+                    hls_config.clone(),
+                    dir.join(&r.name),
+                    tracks,
+                    Some(report),
+                    stop.clone(),
+                )));
+            }
+            let version = if hls_config.format.is_fmp4() { 7 } else { 3 };
+            hls_outputs.push(tokio::spawn(hls::master::run(
+                dir,
+                names.to_vec(),
+                rx,
+                version,
+                stop.clone(),
+            )));
+        }
+        // The old outputs end first (they share the directory).
         outputs.push(tokio::spawn(async move {
             for h in old_outputs {
                 let _ = h.await;
             }
-            hls_output.await;
+            for h in hls_outputs {
+                let _ = h.await;
+            }
         }));
         let media = Arc::new(Mutex::new(LiveMedia::default()));
         outputs.push(tokio::spawn(measure(
@@ -286,6 +328,7 @@ impl Streams {
         let stream = Arc::new(Stream {
             name: name.to_owned(),
             hub,
+            renditions,
             preset,
             hls: hls_config,
             media,
@@ -389,12 +432,8 @@ impl Streams {
             audio: tracks.audio,
             ..Default::default()
         };
-        let handle = push::spawn(
-            stream.hub.clone(),
-            target.clone(),
-            options,
-            stream.stop.clone(),
-        );
+        let hub = stream.renditions.first().map_or(&stream.hub, |r| &r.hub);
+        let handle = push::spawn(hub.clone(), target.clone(), options, stream.stop.clone());
         lock(&stream.pushes).push(PushEntry {
             id,
             handle,
@@ -558,6 +597,103 @@ async fn measure(hub: Arc<Hub>, media: Arc<Mutex<LiveMedia>>, mut stop: watch::R
 /// The tracks MPEG-TS HLS and RTMP pushes get under a preset: the video unless
 /// dropped (encoded renditions are not made yet: the published video), the
 /// audio only as AAC.
+/// One rendition of a stream's outputs.
+pub struct RenditionHub {
+    /// The preset's name for it (its HLS directory in a ladder).
+    pub name: String,
+    pub hub: Arc<Hub>,
+    /// A simulcast layer's RID: the WebRTC session puts that layer's video
+    /// (and the audio) on the hub.
+    pub rid: Option<String>,
+}
+
+/// The renditions of a stream with `preset`, and the video transcoder's
+/// rungs that feed them (none when nothing is encoded). The published
+/// video goes on `main`; so does its H264 encoding when the publisher sends
+/// another codec (VP8) and the preset copies the source.
+fn ladder(
+    stream: &str,
+    main: &Arc<Hub>,
+    preset: &Preset,
+    hls: &HlsConfig,
+) -> (Vec<RenditionHub>, Vec<transcode::rendition::Rung>) {
+    use transcode::video::VideoSettings;
+    let segment = (hls.segment_duration * CLOCK_HZ as f64).round() as i64;
+    // The published video, encoded at its own size when it is not H264.
+    let source_rung = || transcode::rendition::Rung {
+        hub: main.clone(),
+        settings: VideoSettings {
+            keyframe_interval: segment,
+            for_h264_input: false,
+            ..Default::default()
+        },
+    };
+    let mut renditions = Vec::new();
+    let mut rungs = Vec::new();
+    if preset.video.mode != VideoMode::Transcode {
+        renditions.push(RenditionHub {
+            name: "source".into(),
+            hub: main.clone(),
+            rid: None,
+        });
+        if preset.video.encodes_non_h264() {
+            rungs.push(source_rung());
+        }
+        return (renditions, rungs);
+    }
+    for r in &preset.video.renditions {
+        if let Some(rid) = &r.simulcast {
+            // Filled by the WebRTC session with the layer's frames.
+            renditions.push(RenditionHub {
+                name: r.name.clone(),
+                hub: Hub::new(&format!("{stream}/{}", r.name)),
+                rid: Some(rid.clone()),
+            });
+            continue;
+        }
+        if r.source {
+            renditions.push(RenditionHub {
+                name: r.name.clone(),
+                hub: main.clone(),
+                rid: None,
+            });
+            if preset.video.encodes_non_h264() {
+                rungs.push(source_rung());
+            }
+            continue;
+        }
+        let hub = Hub::new(&format!("{stream}/{}", r.name));
+        let keyframe_interval = match r.gop() {
+            Gop::Segment => segment,
+            Gop::Seconds(s) => (s * CLOCK_HZ as f64).round() as i64,
+        };
+        rungs.push(transcode::rendition::Rung {
+            hub: hub.clone(),
+            settings: VideoSettings {
+                width: r.width,
+                height: r.height,
+                bitrate: r.bitrate,
+                maxrate: r.maxrate(),
+                bufsize: r.bufsize(),
+                max_fps: r.max_fps,
+                keyframe_interval,
+                encoder: r.encoder().as_str().to_owned(),
+                preset: r.x264_preset().as_str().to_owned(),
+                tune: r.x264_tune.clone().unwrap_or_else(|| "zerolatency".into()),
+                profile: r.profile().as_str().to_owned(),
+                level: r.level.as_ref().map(|l| l.0.clone()),
+                for_h264_input: true,
+            },
+        });
+        renditions.push(RenditionHub {
+            name: r.name.clone(),
+            hub,
+            rid: None,
+        });
+    }
+    (renditions, rungs)
+}
+
 fn output_tracks(preset: &Preset) -> hls::output::Tracks {
     hls::output::Tracks {
         video: preset.video.mode != VideoMode::Drop,

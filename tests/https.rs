@@ -140,6 +140,14 @@ async fn self_signed_https_serves_whip_next_to_http() {
     ))
     .expect("s_client");
     assert!(alpn.contains("ALPN protocol: h2"), "{alpn}");
+    // HLS requests really go over HTTP/2 (players open many at once).
+    let version = sh(&format!(
+        "curl -sk --http2 -w '%{{http_version}} %{{http_code}}\\n' -o /dev/null \
+         {base}/hls/test/index.m3u8 -o /dev/null {base}/hls/test/480p/index.m3u8"
+    ))
+    .expect("curl");
+    let lines: Vec<&str> = version.lines().collect();
+    assert_eq!(lines, ["2 404", "2 404"], "{version}");
 
     // OPTIONS over HTTPS.
     let resp = client

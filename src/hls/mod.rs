@@ -10,6 +10,7 @@
 
 pub mod cmaf;
 pub mod fmp4;
+pub mod master;
 pub mod output;
 pub mod playlist;
 pub mod segmenter;

@@ -24,6 +24,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use super::cmaf::{self, CmafConfig, CmafSegmenter};
+use super::master::{Report, VariantMeter};
 use super::playlist::{PartEntry, Playlist, PlaylistConfig, PlaylistFormat, SegmentHead};
 use super::segmenter::{Segment, Segmenter, SegmenterConfig};
 use super::storage::{self, Uploader};
@@ -161,6 +162,8 @@ struct Output {
     inits: VecDeque<u64>,
     /// LL-HLS parts kept in memory, oldest first, with when they were made.
     parts: VecDeque<(u64, Instant)>,
+    /// A rendition of a ladder: what it measures for the master playlist.
+    meter: Option<(VariantMeter, Report)>,
 }
 
 pub async fn run(
@@ -168,6 +171,7 @@ pub async fn run(
     config: HlsConfig,
     dir: PathBuf,
     tracks: Tracks,
+    report: Option<Report>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let span = tracing::info_span!("hls", stream = %hub.name(), format = ?config.format);
@@ -218,6 +222,7 @@ pub async fn run(
         kept: VecDeque::new(),
         inits: VecDeque::new(),
         parts: VecDeque::new(),
+        meter: report.map(|r| (VariantMeter::default(), r)),
     };
     loop {
         tokio::select! {
@@ -309,6 +314,9 @@ impl Output {
             return;
         };
         let kind = frame.codec().kind();
+        if let Some((meter, _)) = self.meter.as_mut() {
+            meter.frame(&frame.params);
+        }
         match muxer {
             Muxer::Ts(segmenter) => match segmenter.push(kind, &frame, unix_ms()) {
                 Ok(Some(segment)) => self.ts_segment(segment, span).await,
@@ -439,6 +447,10 @@ impl Output {
         let name = self.playlist.uri(head.sequence);
         let bytes = data.len();
         let _removed = self.playlist.push_segment(head, duration);
+        if let Some((meter, report)) = self.meter.as_mut() {
+            meter.segment(bytes, duration);
+            report.send(meter.variant());
+        }
         telemetry::counters().hls_segments.increment(1);
         let mut changes = Changes::default();
         changes.insert.push((name.clone(), data.clone()));
@@ -486,6 +498,12 @@ impl Output {
     /// Renders the playlist into the store with `changes` and wakes
     /// waiting requests; with `to_disk`, writes the file playlist too.
     async fn publish(&mut self, mut changes: Changes, to_disk: bool) {
+        if self.low_latency() {
+            if let Some((_, report)) = self.meter.as_ref() {
+                let reports = report.edges(self.playlist.report_edge());
+                self.playlist.set_rendition_reports(reports);
+            }
+        }
         let full = Bytes::from(self.playlist.render());
         let delta = self
             .low_latency()

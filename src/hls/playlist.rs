@@ -29,8 +29,10 @@
 //!   replaced by `EXT-X-SKIP:SKIPPED-SEGMENTS=n` (version 9).
 //!
 //! Parts are numbered across segments so that a preload hint stays right
-//! whichever segment the next part ends up in. `EXT-X-RENDITION-REPORT` is
-//! not written: it only matters with several renditions.
+//! whichever segment the next part ends up in. In a ladder each rendition's
+//! playlist ends with an `EXT-X-RENDITION-REPORT` per other rendition
+//! ([`Playlist::set_rendition_reports`]), so players switching renditions
+//! know where to block.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -128,6 +130,20 @@ pub struct Playlist {
     /// Longest segment pushed so far, in milliseconds.
     longest_ms: u64,
     ended: bool,
+    /// LL-HLS in a ladder: where the other renditions are.
+    reports: Vec<RenditionReport>,
+}
+
+/// `EXT-X-RENDITION-REPORT`: another rendition's live edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenditionReport {
+    /// Its media playlist, relative to this one.
+    pub uri: String,
+    /// `LAST-MSN`: the sequence number of its last segment or, with parts,
+    /// of its last part's segment.
+    pub last_msn: u64,
+    /// `LAST-PART`: the index of its last part in that segment.
+    pub last_part: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -166,6 +182,7 @@ impl Playlist {
             discontinuity_sequence: 0,
             longest_ms: 0,
             ended: false,
+            reports: Vec::new(),
         }
     }
 
@@ -451,10 +468,40 @@ impl Playlist {
                 Self::part_uri(self.next_part)
             );
         }
+        if low_latency.is_some() {
+            for r in &self.reports {
+                let _ = write!(
+                    out,
+                    "#EXT-X-RENDITION-REPORT:URI=\"{}\",LAST-MSN={}",
+                    r.uri, r.last_msn
+                );
+                match r.last_part {
+                    Some(part) => {
+                        let _ = writeln!(out, ",LAST-PART={part}");
+                    }
+                    None => out.push('\n'),
+                }
+            }
+        }
         if self.ended {
             out.push_str("#EXT-X-ENDLIST\n");
         }
         out
+    }
+
+    /// The other renditions' edges, written (LL-HLS only) from the next
+    /// rendering on.
+    pub fn set_rendition_reports(&mut self, reports: Vec<RenditionReport>) {
+        self.reports = reports;
+    }
+
+    /// This playlist's edge as another rendition reports it: the last
+    /// part's segment and index, else the last segment.
+    pub fn report_edge(&self) -> Option<(u64, Option<u32>)> {
+        match self.last_part() {
+            Some((msn, part)) => Some((msn, Some(part))),
+            None => self.last_segment().map(|msn| (msn, None)),
+        }
     }
 
     /// Segments a delta update skips: those starting more than
@@ -832,6 +879,36 @@ mod tests {
         assert_eq!(parsed.segments[0].map.as_ref().unwrap().uri, "init0.mp4");
         assert_eq!(parsed.segments[1].map.as_ref().unwrap().uri, "init1.mp4");
         assert_eq!(playlist.init_numbers().collect::<Vec<_>>(), [0, 1, 1, 1]);
+    }
+
+    #[test]
+    fn golden_rendition_reports_close_a_low_latency_playlist() {
+        let mut playlist = ll_playlist(6);
+        fill(&mut playlist, 0, 1);
+        assert_eq!(playlist.report_edge(), Some((0, Some(0))));
+        playlist.set_rendition_reports(vec![
+            RenditionReport {
+                uri: "../480p/index.m3u8".into(),
+                last_msn: 0,
+                last_part: Some(1),
+            },
+            RenditionReport {
+                uri: "../360p/index.m3u8".into(),
+                last_msn: 3,
+                last_part: None,
+            },
+        ]);
+        let expected = format!(
+            "{LL_HEADER}#EXT-X-MAP:URI=\"init0.mp4\"\n{}\
+             #EXT-X-PART:DURATION=0.5,URI=\"part0.m4s\",INDEPENDENT=YES\n\
+             #EXT-X-PRELOAD-HINT:TYPE=PART,URI=\"part1.m4s\"\n\
+             #EXT-X-RENDITION-REPORT:URI=\"../480p/index.m3u8\",LAST-MSN=0,LAST-PART=1\n\
+             #EXT-X-RENDITION-REPORT:URI=\"../360p/index.m3u8\",LAST-MSN=3\n",
+            pdt(0)
+        );
+        assert_eq!(playlist.render(), expected);
+        // Not a tag of plain playlists.
+        assert!(!playlist.render_plain().contains("RENDITION-REPORT"));
     }
 
     #[test]

@@ -340,6 +340,17 @@ fn stream_json(app: &AppState, name: &str) -> Value {
                 "url": playlist,
                 "format": format!("{:?}", hls.format).to_ascii_lowercase(),
                 "playlist": playlist_exists,
+                // A ladder's media playlists; the playlist above is then
+                // the master playlist.
+                "renditions": stream.filter(|s| s.renditions.len() > 1).map(|s| {
+                    s.renditions
+                        .iter()
+                        .map(|r| json!({
+                            "name": r.name,
+                            "url": format!("/hls/{name}/{}/index.m3u8", r.name),
+                        }))
+                        .collect::<Vec<_>>()
+                }),
             },
         },
         "dropped_frames": stream.map_or(0, |s| s.hub.dropped_frames()),

@@ -18,6 +18,7 @@ use super::AppState;
 use crate::config::valid_stream_name;
 use crate::error::{self, AppError};
 use crate::hls::store::{self, BlockError, Directives};
+use crate::preset::valid_rendition_name;
 
 /// What a file name under `/hls/{stream}/` is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,22 +80,47 @@ fn numbered(name: &str, prefix: &str, suffix: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+/// `/hls/{stream}/{file}`: a stream's playlist (the master playlist of a
+/// ladder) and media.
 pub async fn get(
     State(app): State<AppState>,
     Path((stream, file)): Path<(String, String)>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, AppError> {
-    if !valid_stream_name(&stream) {
+    serve(&app, &stream, None, &file, query).await
+}
+
+/// `/hls/{stream}/{rendition}/{file}`: a ladder rendition's media playlist
+/// and media.
+pub async fn get_rendition(
+    State(app): State<AppState>,
+    Path((stream, rendition, file)): Path<(String, String, String)>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, AppError> {
+    serve(&app, &stream, Some(&rendition), &file, query).await
+}
+
+async fn serve(
+    app: &AppState,
+    stream: &str,
+    rendition: Option<&str>,
+    file: &str,
+    query: Option<String>,
+) -> Result<Response, AppError> {
+    if !valid_stream_name(stream) || rendition.is_some_and(|r| !valid_rendition_name(r)) {
         return Err(AppError::NotFound);
     }
-    let kind = Kind::of(&file).ok_or(AppError::NotFound)?;
-    let dir = app
+    let mut dir = app
         .streams
         .config()
         .server
         .data_dir
         .join("hls")
-        .join(&stream);
+        .join(stream);
+    if let Some(r) = rendition {
+        dir.push(r);
+    }
+    let kind = Kind::of(file).ok_or(AppError::NotFound)?;
     let from_memory = match store::lookup(&dir) {
         Some(store) => {
             let timeout = store.edge().block_timeout();
@@ -105,7 +131,7 @@ pub async fn get(
                     store.reload(directives, timeout).await
                 }
                 Kind::Part(number) => store.part(number, timeout).await.map(Some),
-                _ => Ok(store.get(&file)),
+                _ => Ok(store.get(file)),
             };
             match found {
                 Ok(found) => found,
@@ -129,7 +155,7 @@ pub async fn get(
         // Parts live in memory only.
         None if matches!(kind, Kind::Part(_)) => return Err(AppError::NotFound),
         None => {
-            let path = dir.join(&file);
+            let path = dir.join(file);
             let data = tokio::fs::read(&path).await.map_err(|e| {
                 if e.kind() == std::io::ErrorKind::NotFound {
                     AppError::NotFound

@@ -66,6 +66,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(whip)
         .route("/hls/{stream}/{file}", get(hls::get))
+        .route("/hls/{stream}/{rendition}/{file}", get(hls::get_rendition))
         .route("/cluster/load", get(health::load))
         .route("/metrics", get(health::metrics))
         .route("/healthz", get(health::healthz))

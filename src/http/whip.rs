@@ -124,7 +124,10 @@ pub async fn post(
             id.clone(),
             sdp,
             accepted,
-            stream.hub.clone(),
+            crate::rtc::Hubs {
+                hub: stream.hub.clone(),
+                layers: stream.layers(),
+            },
             publication,
             Box::new(move || {
                 streams.remove_session(&closing_id);

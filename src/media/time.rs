@@ -194,6 +194,20 @@ impl Timeline {
         Self::default()
     }
 
+    /// A timeline whose tick 0 is `epoch` (another timeline's, so that
+    /// simulcast layers share the publication's clock).
+    pub fn with_epoch(epoch: Option<Instant>) -> Self {
+        Self {
+            epoch,
+            ..Self::default()
+        }
+    }
+
+    /// The arrival instant of tick 0, once a frame came.
+    pub fn epoch(&self) -> Option<Instant> {
+        self.epoch
+    }
+
     /// Maps a frame's RTP timestamp (track clock) to stream ticks. `None`
     /// when it falls before the start of the stream (drop the frame) or the
     /// clock rate is 0. Audio results are strictly increasing; video results

@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 
 use str0m::change::SdpOffer;
 use str0m::format::{Codec, FormatParams};
-use str0m::media::{KeyframeRequestKind, MediaKind, Mid};
+use str0m::media::{KeyframeRequestKind, MediaData, MediaKind, Mid, Rid};
 use str0m::net::{Protocol, Receive, TcpType};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc, RtcConfig};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 
 use super::ingest::Ingest;
-use super::offer::Accepted;
+use super::offer::{self, Accepted};
 use super::tcp::TcpEvent;
 use super::{Created, RtcError};
 use crate::hub::{Hub, IngressStats, KeyframeRequester, Publication};
@@ -41,6 +41,8 @@ pub(super) enum Command {
         offer: String,
         accepted: Accepted,
         hub: Arc<Hub>,
+        /// Simulcast layers the stream takes as renditions, by RID.
+        layers: Vec<(String, Arc<Hub>)>,
         publication: Publication,
         on_close: Box<dyn FnOnce() + Send>,
         reply: oneshot::Sender<Result<Created, RtcError>>,
@@ -66,10 +68,23 @@ pub(super) enum Command {
     },
     Keyframe {
         id: String,
+        /// The simulcast layer, or the main video.
+        rid: Option<String>,
     },
     Shutdown {
         done: oneshot::Sender<()>,
     },
+}
+
+/// A simulcast layer the stream takes as a rendition.
+struct Layer {
+    rid: String,
+    hub: Arc<Hub>,
+    /// Its own depacketizer, on the publication's clock, made at its first
+    /// frame (unless it is the source layer, which the main one reads).
+    ingest: Option<Ingest>,
+    /// Its hub was started: it had video.
+    started: bool,
 }
 
 struct Session {
@@ -90,6 +105,11 @@ struct Session {
     connected: bool,
     created: Instant,
     ingest: Ingest,
+    /// Simulcast: the RID whose video goes to `hub` (the offer's first),
+    /// and the layers the stream takes as renditions of their own.
+    source_rid: Option<String>,
+    layers: Vec<Layer>,
+    video_codec: FrameCodec,
     last_input: Instant,
     /// When str0m wants its next timeout input.
     next_timeout: Instant,
@@ -104,6 +124,9 @@ impl Session {
         tracing::info!(reason, "session closed");
         self.rtc.disconnect();
         self.hub.stop(self.publication.id);
+        for layer in self.layers.iter().filter(|l| l.started) {
+            layer.hub.stop(self.publication.id);
+        }
         if let Some(f) = self.on_close.take() {
             f();
         }
@@ -216,6 +239,7 @@ impl Driver {
                 offer,
                 accepted,
                 hub,
+                layers,
                 publication,
                 on_close,
                 reply,
@@ -224,6 +248,7 @@ impl Driver {
                 let result = span.in_scope(|| self.create(&offer, &accepted));
                 let video_codec = accepted.video_codec.unwrap_or(FrameCodec::H264);
                 let result = result.map(|(rtc, offer, answer)| {
+                    let source_rid = offer::simulcast_rids(&offer).into_iter().next();
                     // Strong ETag, unique per ICE session.
                     let created = Created {
                         answer,
@@ -244,6 +269,17 @@ impl Driver {
                             connected: false,
                             created: Instant::now(),
                             ingest: Ingest::new(2, video_codec),
+                            source_rid,
+                            video_codec,
+                            layers: layers
+                                .into_iter()
+                                .map(|(rid, hub)| Layer {
+                                    rid,
+                                    hub,
+                                    ingest: None,
+                                    started: false,
+                                })
+                                .collect(),
                             last_input: Instant::now(),
                             next_timeout: Instant::now(),
                             on_close: Some(on_close),
@@ -293,9 +329,9 @@ impl Driver {
                     self.routes.retain(|_, v| *v != id);
                 }
             }
-            Command::Keyframe { id } => {
+            Command::Keyframe { id, rid } => {
                 if let Some(s) = self.sessions.get_mut(&id) {
-                    request_keyframe(s);
+                    request_keyframe(s, rid.as_deref());
                     // Poll it now so the PLI leaves at once.
                     s.next_timeout = Instant::now();
                 }
@@ -649,10 +685,10 @@ fn on_event(s: &mut Session, event: Event) -> Result<(), String> {
             tracing::info!(ms = s.created.elapsed().as_millis() as u64, "connected");
             let hub = s.hub.clone();
             let publication = s.publication;
-            let requester = s.keyframe_requester();
+            let requester = s.keyframe_requester(None);
             drop(_g);
             hub.start(publication, requester);
-            request_keyframe(s);
+            request_keyframe(s, None);
         }
         Event::IceConnectionStateChange(state) => {
             tracing::debug!(?state, "ice state");
@@ -668,7 +704,7 @@ fn on_event(s: &mut Session, event: Event) -> Result<(), String> {
                     // str0m reports the media after `Connected`: this is the
                     // first moment a PLI can be sent at the start.
                     drop(_g);
-                    request_keyframe(s);
+                    request_keyframe(s, None);
                     return Ok(());
                 }
                 MediaKind::Audio => s.audio_mid = Some(m.mid),
@@ -691,14 +727,9 @@ fn on_event(s: &mut Session, event: Event) -> Result<(), String> {
             } else {
                 return Ok(());
             };
-            let out = s.ingest.push(kind, &d);
-            if let Some(frame) = out.frame {
-                s.hub.publish(s.publication, frame);
-            }
-            if out.want_keyframe {
-                drop(_g);
-                s.hub.request_keyframe();
-            }
+            let rid = d.rid.as_ref().map(|r| r.to_string());
+            drop(_g);
+            on_media(s, kind, rid, &d);
         }
         // One figure per publisher: its video, or its audio when it sends
         // no video.
@@ -746,8 +777,77 @@ fn add_remote_candidates(
     Ok(n)
 }
 
-fn request_keyframe(s: &mut Session) {
+/// Routes a frame: the main video (or the offer's first simulcast layer) and
+/// the audio to the stream's hub; a layer the stream takes as a rendition to
+/// its hub (the audio there too, once the layer has video); other layers
+/// nowhere.
+fn on_media(s: &mut Session, kind: TrackKind, rid: Option<String>, d: &MediaData) {
+    let publication = s.publication;
+    if let Some(rid) = &rid {
+        s.source_rid.get_or_insert_with(|| rid.clone());
+    }
+    let layer = match &rid {
+        Some(r) => s.layers.iter().position(|l| l.rid == *r),
+        // Without simulcast the one video is the first layer the stream
+        // takes, so a simulcast ladder still plays.
+        None if kind == TrackKind::Video && s.source_rid.is_none() && !s.layers.is_empty() => {
+            Some(0)
+        }
+        None => None,
+    };
+    let to_main = kind == TrackKind::Audio || rid.is_none() || rid == s.source_rid;
+    if to_main {
+        let out = s.ingest.push(kind, d);
+        if let Some(frame) = out.frame {
+            if kind == TrackKind::Audio {
+                for l in s.layers.iter().filter(|l| l.started) {
+                    l.hub.publish(publication, frame.clone());
+                }
+            } else if let Some(i) = layer {
+                start_layer(s, i);
+                s.layers[i].hub.publish(publication, frame.clone());
+            }
+            s.hub.publish(publication, frame);
+        }
+        if out.want_keyframe {
+            s.hub.request_keyframe();
+        }
+        return;
+    }
+    let Some(i) = layer else { return };
+    start_layer(s, i);
+    let epoch = s.ingest.epoch();
+    let codec = s.video_codec;
+    let l = &mut s.layers[i];
+    let ingest = l
+        .ingest
+        .get_or_insert_with(|| Ingest::with_epoch(2, codec, epoch));
+    let out = ingest.push(kind, d);
+    if let Some(frame) = out.frame {
+        l.hub.publish(publication, frame);
+    }
+    if out.want_keyframe {
+        l.hub.request_keyframe();
+    }
+}
+
+/// Starts layer `i`'s hub at its first frame.
+fn start_layer(s: &mut Session, i: usize) {
+    if s.layers[i].started {
+        return;
+    }
+    let requester = s.keyframe_requester(Some(s.layers[i].rid.clone()));
+    let l = &mut s.layers[i];
+    l.started = true;
+    l.hub.start(s.publication, requester);
+    tracing::info!(parent: &s.span, rid = %s.layers[i].rid, "simulcast layer started");
+}
+
+/// Asks for a keyframe of the main video (`rid` `None`: the source layer
+/// of a simulcast publication) or of a simulcast layer.
+fn request_keyframe(s: &mut Session, rid: Option<&str>) {
     let Some(mid) = s.video_mid else { return };
+    let rid = rid.or(s.source_rid.as_deref()).map(Rid::from);
     let Some(mut w) = s.rtc.writer(mid) else {
         return;
     };
@@ -756,7 +856,7 @@ fn request_keyframe(s: &mut Session) {
     } else {
         KeyframeRequestKind::Fir
     };
-    match w.request_keyframe(None, kind) {
+    match w.request_keyframe(rid, kind) {
         Ok(()) => {
             telemetry::counters().keyframe_requests.increment(1);
             tracing::debug!(parent: &s.span, ?kind, "keyframe requested");
@@ -767,12 +867,15 @@ fn request_keyframe(s: &mut Session) {
 
 impl Session {
     /// Lets the hub ask this session for a keyframe through the driver.
-    fn keyframe_requester(&self) -> KeyframeRequester {
+    fn keyframe_requester(&self, rid: Option<String>) -> KeyframeRequester {
         let id = self.id.clone();
         let tx = self.commands.clone();
         Box::new(move || {
             if let Some(tx) = tx.upgrade() {
-                let _ = tx.try_send(Command::Keyframe { id: id.clone() });
+                let _ = tx.try_send(Command::Keyframe {
+                    id: id.clone(),
+                    rid: rid.clone(),
+                });
             }
         })
     }

@@ -62,8 +62,14 @@ pub struct Ingested {
 impl Ingest {
     /// `video` is the negotiated video codec (H264, VP8, VP9 or AV1).
     pub fn new(opus_channels: u8, video: Codec) -> Self {
+        Self::with_epoch(opus_channels, video, None)
+    }
+
+    /// An ingest whose stream timeline starts at `epoch` (a simulcast
+    /// layer's, on its publication's clock).
+    pub fn with_epoch(opus_channels: u8, video: Codec, epoch: Option<Instant>) -> Self {
         Self {
-            timeline: Timeline::new(),
+            timeline: Timeline::with_epoch(epoch),
             video: match video {
                 Codec::Vp8 | Codec::Vp9 | Codec::Av1 => Video::Whole(WholeFrames {
                     codec: video,
@@ -78,6 +84,11 @@ impl Ingest {
                 channels: opus_channels,
             }),
         }
+    }
+
+    /// When the stream timeline's tick 0 arrived.
+    pub fn epoch(&self) -> Option<Instant> {
+        self.timeline.epoch()
     }
 
     /// The H264 assembler's counters.

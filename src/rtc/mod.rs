@@ -38,6 +38,15 @@ pub struct Created {
     pub etag: String,
 }
 
+/// Where a session's media goes.
+pub struct Hubs {
+    /// The stream's hub: the video (a simulcast publication's first layer)
+    /// and the audio.
+    pub hub: Arc<Hub>,
+    /// The simulcast layers the stream takes as renditions, by RID.
+    pub layers: Vec<(String, Arc<Hub>)>,
+}
+
 /// A cheap, cloneable handle to the driver task.
 #[derive(Clone)]
 pub struct RtcHandle {
@@ -89,7 +98,7 @@ impl RtcHandle {
         id: String,
         offer: String,
         accepted: Accepted,
-        hub: Arc<Hub>,
+        Hubs { hub, layers }: Hubs,
         publication: Publication,
         on_close: Box<dyn FnOnce() + Send>,
     ) -> Result<Created, RtcError> {
@@ -100,6 +109,7 @@ impl RtcHandle {
                 offer,
                 accepted,
                 hub,
+                layers,
                 publication,
                 on_close,
                 reply,

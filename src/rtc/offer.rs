@@ -254,6 +254,31 @@ pub fn check(sections: Vec<MediaSection>, accept_non_h264: bool) -> Result<Accep
     })
 }
 
+/// The RIDs of the offer's simulcast layers (`a=simulcast:send`), in the
+/// order the publisher lists them (RFC 8853 §5.2: its preference); the
+/// first alternative of each, without the paused marker.
+pub fn simulcast_rids(offer: &str) -> Vec<String> {
+    let Some(value) = offer
+        .lines()
+        .find_map(|l| l.trim_end().strip_prefix("a=simulcast:"))
+    else {
+        return Vec::new();
+    };
+    let mut words = value.split_whitespace();
+    while let Some(direction) = words.next() {
+        let list = words.next().unwrap_or_default();
+        if direction == "send" {
+            return list
+                .split(';')
+                .filter_map(|layer| layer.split(',').next())
+                .map(|rid| rid.trim_start_matches('~').to_owned())
+                .filter(|rid| !rid.is_empty())
+                .collect();
+        }
+    }
+    Vec::new()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,5 +381,15 @@ mod tests {
         assert!(parse("hello").is_err());
         assert!(parse("v=0\r\nm=audio 9 X 1\r\na=rtpmap:abc opus/48000\r\n").is_err());
         assert!(parse("v=0\r\nm=\r\n").is_err());
+    }
+
+    #[test]
+    fn simulcast_layers_in_the_offers_order() {
+        let offer = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=rid:h send\r\n\
+                     a=rid:m send\r\na=rid:l send\r\na=simulcast:send h;~m,x;l\r\n";
+        assert_eq!(simulcast_rids(offer), ["h", "m", "l"]);
+        let both = "a=simulcast:recv q send 2;1;0\r\n";
+        assert_eq!(simulcast_rids(both), ["2", "1", "0"]);
+        assert!(simulcast_rids("v=0\r\na=simulcast:\r\na=simulcast:send\r\n").is_empty());
     }
 }

@@ -636,6 +636,7 @@ pub type AudioTranscoder = Worker<OpusToAac>;
 
 impl Core for OpusToAac {
     type Stats = TranscodeStats;
+    type Out = Frame;
     const NAME: &'static str = "aac";
 
     fn push(&mut self, frame: &Frame) -> Result<Vec<Frame>, TranscodeError> {

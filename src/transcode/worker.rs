@@ -15,10 +15,12 @@ use crate::media::frame::Frame;
 /// The synchronous part of a transcoder: frames in, frames out.
 pub trait Core: Send + 'static {
     type Stats: Send + std::fmt::Debug + 'static;
+    /// What comes out: frames, or frames tagged with their output.
+    type Out: Send + 'static;
     /// Thread name prefix and log label.
     const NAME: &'static str;
-    fn push(&mut self, frame: &Frame) -> Result<Vec<Frame>, TranscodeError>;
-    fn flush(&mut self) -> Result<Vec<Frame>, TranscodeError>;
+    fn push(&mut self, frame: &Frame) -> Result<Vec<Self::Out>, TranscodeError>;
+    fn flush(&mut self) -> Result<Vec<Self::Out>, TranscodeError>;
     fn stats(&self) -> Self::Stats;
 }
 
@@ -48,7 +50,7 @@ impl<C: Core> Worker<C> {
     /// queue length in frames.
     pub fn spawn<F>(core: C, name: &str, queue: usize, on_frame: F) -> Result<Self, TranscodeError>
     where
-        F: FnMut(Frame) + Send + 'static,
+        F: FnMut(C::Out) + Send + 'static,
     {
         let (tx, rx) = mpsc::sync_channel(queue.max(1));
         let stream = name.to_owned();
@@ -101,7 +103,7 @@ impl<C: Core> Drop for Worker<C> {
 /// Warnings at most once per this interval per transcoder.
 const WARN_INTERVAL: Duration = Duration::from_secs(5);
 
-fn run<C: Core, F: FnMut(Frame)>(
+fn run<C: Core, F: FnMut(C::Out)>(
     mut core: C,
     rx: Receiver<Queued>,
     mut on_frame: F,
