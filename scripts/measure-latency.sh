@@ -3,7 +3,13 @@
 # first media frame reaching the HLS writer to the first segment listed in
 # the playlist, for N publications of samples/sample.mkv with
 # `whipgate publish` (release build, server and client on 127.0.0.1).
-#   usage: scripts/measure-latency.sh [N]   (default 5)
+# With `glass` as second argument it then measures, in headless Chromium,
+# how far behind live a viewer of the watch page is: a camera filming the
+# clock publishes from the publish page, the watch page plays the stream
+# with hls.js, and the clock read back from the picture on screen gives the
+# glass-to-glass delay (tests/latency.rs, glass_to_glass_llhls_vs_mpegts),
+# for LL-HLS and for MPEG-TS HLS; median and 95th percentile of 60 samples.
+#   usage: scripts/measure-latency.sh [N] [glass]   (default 5)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-5}"
@@ -23,3 +29,8 @@ echo "POST -> 201 (ms, server side):"
 grep -o 'session created.* ms=[0-9.]*' "$dir/plain.log" | sed 's/.* ms=//' | tr '\n' ' '; echo
 echo "first frame -> first segment listed (ms; target duration 2 s, keyframe every 1 s):"
 grep -o 'since_first_frame_ms=[0-9.]*' "$dir/plain.log" | sed 's/.*=//' | tr '\n' ' '; echo
+if [ "${2:-}" = glass ]; then
+  echo "glass to glass, watch page (hls.js) in headless Chromium:"
+  cargo test -q --test latency -- --ignored --nocapture glass_to_glass_llhls_vs_mpegts 2>&1 |
+    grep -E '^(llhls|mpegts):|panicked|test result'
+fi

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::browser::{Browser, find_chromium};
+use support::browser::{Browser, chromium};
 use support::server::Server;
 
 fn artifacts() -> PathBuf {
@@ -26,10 +26,7 @@ async fn api(server: &Server, path: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_watch_and_list_from_chromium() {
-    let chromium = find_chromium().expect(
-        "Chromium is needed for this test: run scripts/install-deps.sh (Debian's `chromium`), \
-         or set CHROMIUM to a Chromium or Chrome binary",
-    );
+    let chromium = chromium();
     let server = Server::start("").expect("server");
     let browser = Browser::launch(&chromium).expect("chromium");
     let shots = artifacts();
@@ -40,15 +37,7 @@ async fn publish_watch_and_list_from_chromium() {
         .expect("publish page");
     // The gateway ingests H264 only: a browser without an H264 encoder
     // cannot publish to it.
-    let h264 = publish
-        .eval(
-            "RTCRtpSender.getCapabilities('video').codecs.some(c => \
-             c.mimeType.toLowerCase() === 'video/h264' && \
-             /packetization-mode=1/.test(c.sdpFmtpLine || ''))",
-        )
-        .await
-        .expect("capabilities");
-    if h264 != Value::Bool(true) {
+    if !publish.sends_h264().await.expect("capabilities") {
         eprintln!(
             "SKIPPED: this Chromium ({}) offers no H264 (packetization-mode 1) for sending, \
              which whipgate needs from a browser",
@@ -62,23 +51,10 @@ async fn publish_watch_and_list_from_chromium() {
         .eval("document.getElementById('resolution').value = '640x360'; true")
         .await
         .unwrap();
-    publish
-        .eval("document.getElementById('start').click(); true")
-        .await
-        .unwrap();
-    let connected = publish
-        .wait_for(
-            "document.getElementById('state').textContent === 'connected'",
-            Duration::from_secs(30),
-        )
-        .await;
-    if let Err(e) = connected {
-        let log = publish
-            .eval("document.getElementById('log').textContent")
-            .await;
+    if let Err(e) = publish.start_publishing().await {
         let _ = publish.screenshot(&shots.join("publish-failed.png")).await;
         panic!(
-            "{e}\npage log: {log:?}\nserver:\n{}\nchromium:\n{}",
+            "{e}\nserver:\n{}\nchromium:\n{}",
             server.log(),
             browser.log()
         );
@@ -108,13 +84,7 @@ async fn publish_watch_and_list_from_chromium() {
         .await
         .expect("watch page");
     watch.bring_to_front().await.unwrap();
-    let played = watch
-        .wait_for(
-            "(() => { const v = document.getElementById('video'); \
-             return v.currentTime > 5 && v.videoWidth > 0 && !v.paused; })()",
-            Duration::from_secs(60),
-        )
-        .await;
+    let played = watch.wait_playing(5.0, Duration::from_secs(60)).await;
     let _ = watch.screenshot(&shots.join("watch.png")).await;
     if let Err(e) = played {
         let state = watch
@@ -196,17 +166,10 @@ async fn publish_watch_and_list_from_chromium() {
             .open(&server.url(&format!("/publish/{stream}")))
             .await
             .expect("publish page");
-        page.eval(&format!(
-            "{setup}; document.getElementById('start').click(); true"
-        ))
-        .await
-        .unwrap();
-        page.wait_for(
-            "document.getElementById('state').textContent === 'connected'",
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{stream}: {e}\nserver:\n{}", server.log()));
+        page.eval(&format!("{setup}; true")).await.unwrap();
+        page.start_publishing()
+            .await
+            .unwrap_or_else(|e| panic!("{stream}: {e}\nserver:\n{}", server.log()));
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
             let v = api(&server, &format!("/api/v1/streams/{stream}")).await;

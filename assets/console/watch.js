@@ -33,7 +33,14 @@ function start() {
     hls = null;
   }
   if (window.Hls && Hls.isSupported()) {
-    hls = new Hls({ liveSyncDurationCount: 2, lowLatencyMode: true });
+    // Playing up to 1.5x fast catches up with the live edge after a start
+    // on a keyframe further back than the target latency.
+    hls = new Hls({ lowLatencyMode: true, maxLiveSyncPlaybackRate: 1.5 });
+    // Two segments behind live for plain HLS (hls.js's default is three).
+    // Set after construction: given to the constructor, it would also
+    // override an LL-HLS playlist's PART-HOLD-BACK (hls.js then sat 2 target
+    // durations, over 4 s, behind LL-HLS instead of 3 parts).
+    hls.config.liveSyncDurationCount = 2;
     hls.on(Hls.Events.MANIFEST_PARSED, () => {
       setState("playing", true);
       video.play().catch(() => {});
@@ -62,8 +69,27 @@ function start() {
   }
 }
 
+/** How far behind live the picture on screen is, in seconds: `wallClock`
+ *  is this machine's clock minus the EXT-X-PROGRAM-DATE-TIME of the frame
+ *  shown (the gateway's clock when that frame arrived; needs synchronized
+ *  clocks), `latency` and `target` are hls.js's distance to the playlist's
+ *  live edge and the distance it aims for. Null without hls.js. */
+function behindLive() {
+  if (!hls) return null;
+  const date = hls.playingDate;
+  return {
+    wallClock: date ? (Date.now() - date.getTime()) / 1000 : null,
+    latency: hls.latency,
+    target: hls.targetLatency,
+  };
+}
+window.behindLive = behindLive;
+
 video.addEventListener("timeupdate", () => {
-  document.getElementById("time").textContent = video.currentTime.toFixed(1) + " s";
+  const behind = behindLive();
+  const seconds = behind && (behind.wallClock ?? behind.latency);
+  document.getElementById("time").textContent = video.currentTime.toFixed(1) + " s"
+    + (seconds == null ? "" : ` · ${seconds.toFixed(1)} s behind live`);
 });
 video.addEventListener("ended", () => setState("ended", false));
 

@@ -35,6 +35,14 @@ pub fn find_chromium() -> Option<PathBuf> {
     None
 }
 
+/// [`find_chromium`], or a panic that says how to get one.
+pub fn chromium() -> PathBuf {
+    find_chromium().expect(
+        "Chromium is needed for this test: run scripts/install-deps.sh (Debian's `chromium`), \
+         or set CHROMIUM to a Chromium or Chrome binary",
+    )
+}
+
 pub struct Browser {
     child: Option<Child>,
     pub port: u16,
@@ -252,5 +260,53 @@ impl Page {
 
     pub async fn bring_to_front(&mut self) -> anyhow::Result<()> {
         self.call("Page.bringToFront", json!({})).await.map(|_| ())
+    }
+
+    /// Whether this Chromium can send H264 with packetization-mode 1, the
+    /// only video the gateway ingests from a browser without encoding it.
+    pub async fn sends_h264(&mut self) -> anyhow::Result<bool> {
+        let v = self
+            .eval(
+                "RTCRtpSender.getCapabilities('video').codecs.some(c => \
+                 c.mimeType.toLowerCase() === 'video/h264' && \
+                 /packetization-mode=1/.test(c.sdpFmtpLine || ''))",
+            )
+            .await?;
+        Ok(v == Value::Bool(true))
+    }
+
+    /// On a `/publish/{stream}` page: clicks Start and waits (30 s) until
+    /// the session is connected; the page's log in the error.
+    pub async fn start_publishing(&mut self) -> anyhow::Result<()> {
+        self.eval("document.getElementById('start').click(); true")
+            .await?;
+        let connected = self
+            .wait_for(
+                "document.getElementById('state').textContent === 'connected'",
+                Duration::from_secs(30),
+            )
+            .await;
+        if let Err(e) = connected {
+            let log = self
+                .eval("document.getElementById('log').textContent")
+                .await;
+            bail!("{e}\npage log: {log:?}");
+        }
+        Ok(())
+    }
+
+    /// On a `/watch/{stream}` page: waits until the video has played past
+    /// `seconds`, with a picture, and is not paused.
+    pub async fn wait_playing(&mut self, seconds: f64, timeout: Duration) -> anyhow::Result<()> {
+        let playing = format!(
+            "(() => {{ const v = document.getElementById('video'); \
+             return v.currentTime > {seconds} && v.videoWidth > 0 && !v.paused; }})()"
+        );
+        self.wait_for(&playing, timeout).await
+    }
+
+    /// Closes the page (its media and timers stop with it).
+    pub async fn close(mut self) -> anyhow::Result<()> {
+        self.call("Page.close", json!({})).await.map(|_| ())
     }
 }

@@ -1,4 +1,5 @@
 pub mod browser;
+pub mod clock_camera;
 pub mod hls_check;
 pub mod nginx;
 pub mod sample_frames;
