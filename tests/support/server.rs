@@ -13,6 +13,8 @@ pub struct Server {
     child: Option<Child>,
     pub http_port: u16,
     pub udp_port: u16,
+    /// The UDP port was picked here (not given with `--udp-listen`).
+    udp_picked: bool,
     pub dir: tempfile::TempDir,
     /// The arguments after `whipgate`, for [`Server::restart`].
     args: Vec<String>,
@@ -47,6 +49,7 @@ impl Server {
     /// As [`Server::start`], with more command-line arguments; a
     /// `--udp-listen` among them replaces the default one.
     pub fn start_with_args(config: &str, args: &[&str]) -> anyhow::Result<Self> {
+        let udp_picked = !args.contains(&"--udp-listen");
         let dir = tempfile::tempdir()?;
         let config_path = dir.path().join("whipgate.toml");
         std::fs::write(&config_path, config)?;
@@ -83,6 +86,7 @@ impl Server {
             child: None,
             http_port,
             udp_port,
+            udp_picked,
             dir,
             args,
         };
@@ -91,8 +95,43 @@ impl Server {
     }
 
     /// Starts the process (its log appended to `server.log`) and waits
-    /// until it answers HTTP.
+    /// until it answers HTTP. Ports picked free can be taken by another
+    /// test's server in between: then it starts again on new ones.
     fn spawn(&mut self) -> anyhow::Result<()> {
+        let mut attempt = 0;
+        loop {
+            match self.spawn_once() {
+                Err(e) if attempt < 4 && e.to_string().contains("in use") => {
+                    attempt += 1;
+                    self.pick_new_ports();
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// New free ports for the ones [`Server::start`] picked (not for a
+    /// `--udp-listen` the test gave).
+    fn pick_new_ports(&mut self) {
+        let http_port = free_tcp_port();
+        let old_http = format!("127.0.0.1:{}", self.http_port);
+        let old_udp = format!("127.0.0.1:{}", self.udp_port);
+        let udp_port = free_udp_port();
+        for a in &mut self.args {
+            if *a == old_http {
+                *a = format!("127.0.0.1:{http_port}");
+            } else if *a == old_udp && self.udp_picked {
+                *a = format!("127.0.0.1:{udp_port}");
+            }
+        }
+        self.http_port = http_port;
+        if self.udp_picked {
+            self.udp_port = udp_port;
+        }
+    }
+
+    fn spawn_once(&mut self) -> anyhow::Result<()> {
+        let log_len = std::fs::metadata(self.dir.path().join("server.log")).map_or(0, |m| m.len());
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -108,7 +147,13 @@ impl Server {
         let http_port = self.http_port;
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            if std::net::TcpStream::connect(("127.0.0.1", http_port)).is_ok() {
+            // Our own process says it listens (another one may answer on
+            // the port when ours could not bind it).
+            let ours = self
+                .log()
+                .get(log_len as usize..)
+                .is_some_and(|l| l.contains("whipgate listening"));
+            if ours && std::net::TcpStream::connect(("127.0.0.1", http_port)).is_ok() {
                 return Ok(());
             }
             if let Some(status) = self
