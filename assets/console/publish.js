@@ -131,7 +131,17 @@ async function start() {
     const audio = media.getAudioTracks()[0];
     // Only the tracks there are: an audio-only or video-only offer.
     if (video) {
-      const vt = pc.addTransceiver(video, { direction: "sendonly", streams: [media] });
+      const init = { direction: "sendonly", streams: [media] };
+      // Simulcast (RFC 8853): the layers the gateway's `simulcast` preset
+      // takes, full size first (the stream's main video).
+      if ($("simulcast").value === "hml") {
+        init.sendEncodings = [
+          { rid: "h" },
+          { rid: "m", scaleResolutionDownBy: 2 },
+          { rid: "l", scaleResolutionDownBy: 4 },
+        ];
+      }
+      const vt = pc.addTransceiver(video, init);
       const codec = $("codec").value;
       if (!preferCodec(vt, codec)) log(`this browser offers no ${codec}: the gateway may refuse the offer`);
     }
