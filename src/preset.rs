@@ -264,7 +264,7 @@ pub enum Encoder {
     Libx264,
     /// NVIDIA NVENC (asked for: it must be present).
     H264Nvenc,
-    /// VA-API (Intel, AMD).
+    /// VA-API (Intel, AMD): refused for now, frame upload is not written.
     H264Vaapi,
     /// A hardware encoder when one works, libx264 otherwise.
     Auto,
@@ -702,6 +702,12 @@ fn validate_copied(r: &Rendition, key: &str, what: &str) -> Result<(), (String, 
 
 fn validate_encoded(r: &Rendition, key: &str) -> Result<(), (String, String)> {
     let k = |name: &str| format!("{key}.{name}");
+    if r.encoder == Some(Encoder::H264Vaapi) {
+        return Err(err(
+            k("encoder"),
+            "h264_vaapi is not supported yet (it needs VA-API frame upload): use h264_nvenc, auto or libx264",
+        ));
+    }
     match (r.width, r.height) {
         (Some(_), None) => {
             return Err(err(
@@ -1164,6 +1170,11 @@ bitrate = 1400000
                 rung("bitrate = 900000\nencoder = \"h264_nvenc\"\nx264_preset = \"fast\""),
                 "video.renditions[2].x264_preset",
                 "libx264 only",
+            ),
+            (
+                rung("bitrate = 900000\nencoder = \"h264_vaapi\""),
+                "video.renditions[2].encoder",
+                "not supported yet",
             ),
             (
                 rung("bitrate = 900000\nlevel = 7"),
