@@ -26,24 +26,11 @@ base="http://127.0.0.1:$http_port"
 
 cargo build --release -q
 bin=target/release/whipgate
-hz=$(getconf CLK_TCK)
+# shellcheck source=scripts/bench-lib.sh
+. scripts/bench-lib.sh
 dir=$(mktemp -d)
-server=""
-client=""
-cleanup() {
-  [ -n "$client" ] && kill "$client" 2>/dev/null || true
-  [ -n "$server" ] && kill "$server" 2>/dev/null || true
-  wait 2>/dev/null || true
-  if [ "${BENCH_KEEP:-0}" = 1 ]; then echo "kept $dir" >&2; else rm -rf "$dir"; fi
-}
-trap cleanup EXIT
+trap bench_cleanup EXIT
 
-now() { date +%s.%N; }
-# utime + stime of a process, in clock ticks (fields 14 and 15 of /proc/PID/stat,
-# counted after the ")" that ends the command name).
-cpu_ticks() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
-rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
-sleep_until() { local d; d=$(awk -v t="$1" -v n="$(now)" 'BEGIN {d = t - n; printf "%.3f", (d > 0 ? d : 0)}'); sleep "$d"; }
 # p50 and p99 (nearest rank) of the numbers on stdin, "-" without any.
 p50_p99() {
   sort -n | awk '{v[NR] = $1} END {
@@ -60,7 +47,7 @@ last_segment() {
 
 echo "whipgate benchmark: samples/sample.mkv (640x360 30 fps H264 + Opus stereo, looped),"
 echo "  ${duration} s per session, ramp ${ramp} sessions/s, server and load generator on this"
-echo "  machine ($(nproc) cores); one fresh server per N."
+echo "  machine ($(machine)); one fresh server per N."
 case "$preset" in
   passthrough) echo "preset: passthrough (the default: H264 copied, Opus -> AAC, MPEG-TS HLS)." ;;
   copy-all) echo "preset: copy-all (no transcoding: H264 copied, Opus dropped from the MPEG-TS HLS)." ;;
@@ -78,13 +65,8 @@ for n in $list; do
   run="$dir/n$n"
   mkdir -p "$run"
   rm -rf "$dir/data"
-  WHIPGATE_LOG=info "$bin" serve --config "$dir/whipgate.toml" --http-listen "127.0.0.1:$http_port" \
-    --udp-listen "127.0.0.1:$udp_port" --data-dir "$dir/data" 2>"$run/server.log" &
-  server=$!
-  for _ in $(seq 100); do
-    curl -s -o /dev/null -X OPTIONS "$base/whip/x" && break
-    sleep 0.1
-  done
+  start_server "$dir/whipgate.toml" "$http_port" "$udp_port" "$dir/data" "$run/server.log" || {
+    echo "N=$n: the server did not start:" >&2; tail -n 5 "$run/server.log" >&2; break; }
   sleep 0.5
   rss_idle=$(rss_kib "$server")
 
@@ -112,9 +94,7 @@ for n in $list; do
   client=""
   dropped=$({ curl -s "$base/api/v1/streams" || true; } | { grep -o '"dropped_frames":[0-9]*' || true; } \
     | awk -F: '{s += $2} END {print s + 0}')
-  kill "$server" 2>/dev/null || true
-  wait "$server" 2>/dev/null || true
-  server=""
+  stop_server
 
   advanced=$(paste "$run/seg_a" "$run/seg_b" | awk -F'\t' '$2 != "" && $1 != $2 {a++} END {print a + 0}')
   up=$(grep -o 'up=[0-9]*' "$run/summary.txt" | cut -d= -f2 || true)
