@@ -147,10 +147,11 @@ async fn abr_ladder_has_a_master_playlist_and_aligned_renditions() {
     )
     .await;
 
-    // Every rendition: a clean, complete, in-sync H264 + AAC playlist.
+    // Every rendition: a clean, complete, in-sync H264 + AAC playlist. The
+    // sample is 640x360: the 480p rung is not upscaled.
     let renditions = [
         ("source", (640, 360)),
-        ("480p", (854, 480)),
+        ("480p", (640, 360)),
         ("360p", (640, 360)),
     ];
     let playlists = check_renditions(&server, "abr", &renditions, 0.1).await;

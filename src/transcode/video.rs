@@ -346,10 +346,14 @@ impl Rung {
     }
 
     /// The output size for a decoded `w`×`h`.
+    /// A rung given only a height (or width) never upscales: a smaller
+    /// source is encoded at its own size (more pixels than the source has
+    /// cost CPU and bits for no picture).
     fn target_size(&self, w: u32, h: u32) -> (u32, u32) {
         let even = |v: u32| (v.max(2) + 1) & !1;
         match (self.settings.width, self.settings.height) {
             (Some(tw), Some(th)) => (even(tw), even(th)),
+            (None, Some(_)) | (Some(_), None) if self.upscales(w, h) => (even(w), even(h)),
             (None, Some(th)) => {
                 let tw = (u64::from(w) * u64::from(th) / u64::from(h.max(1))) as u32;
                 (even(tw), even(th))
@@ -360,6 +364,11 @@ impl Rung {
             }
             _ => (even(w), even(h)),
         }
+    }
+
+    fn upscales(&self, w: u32, h: u32) -> bool {
+        self.settings.width.is_some_and(|tw| tw > w)
+            || self.settings.height.is_some_and(|th| th > h)
     }
 
     fn open_encoder(
@@ -782,6 +791,35 @@ mod tests {
             let keys: Vec<i64> = frames.iter().filter(|f| f.key).map(|f| f.pts).collect();
             assert_eq!(keys, vec![0, 2 * CLOCK_HZ], "rung {rung}: the 2 s grid");
         }
+    }
+
+    #[test]
+    fn a_rung_above_the_source_is_not_upscaled() {
+        let input = vp8_sample(1, "320x240");
+        let rung = |width, height| VideoSettings {
+            width,
+            height,
+            ..Default::default()
+        };
+        let mut t = ToH264::ladder(vec![
+            rung(None, Some(480)),
+            rung(Some(1280), None),
+            rung(Some(640), Some(480)),
+        ])
+        .unwrap();
+        let mut sizes = [None; 3];
+        for f in &input {
+            for (i, o) in t.push(f).unwrap() {
+                if let CodecParams::H264 { width, height, .. } = &*o.params {
+                    sizes[i] = Some((*width, *height));
+                }
+            }
+        }
+        // Height or width alone: the source's size; both: exactly that.
+        assert_eq!(
+            sizes,
+            [Some((320, 240)), Some((320, 240)), Some((640, 480))]
+        );
     }
 
     #[test]
