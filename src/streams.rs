@@ -76,6 +76,19 @@ impl Stream {
             .collect()
     }
 
+    /// The hub of rendition `name`; `None` names the first (what pushes
+    /// carry by default).
+    pub fn rendition_hub(&self, name: Option<&str>) -> Option<&Arc<Hub>> {
+        match name {
+            None => Some(self.renditions.first().map_or(&self.hub, |r| &r.hub)),
+            Some(n) => self.renditions.iter().find(|r| r.name == n).map(|r| &r.hub),
+        }
+    }
+
+    pub fn rendition_names(&self) -> Vec<&str> {
+        self.renditions.iter().map(|r| r.name.as_str()).collect()
+    }
+
     /// A publisher is connected or connecting.
     pub fn busy(&self) -> bool {
         lock(&self.session).is_some()
@@ -256,17 +269,23 @@ impl Streams {
         let tracks = output_tracks(&preset);
         let (renditions, rungs) = ladder(name, &hub, &preset, &hls_config);
         if !rungs.is_empty() {
-            let audio: &[Codec] = if tracks.audio {
-                &[Codec::Aac]
-            } else if tracks.opus {
-                &[Codec::Opus]
-            } else {
-                &[]
-            };
             outputs.push(tokio::spawn(transcode::rendition::run_h264(
                 hub.clone(),
                 rungs,
-                audio,
+                output_audio(tracks),
+                stop.clone(),
+            )));
+        }
+        let layers: Vec<Arc<Hub>> = renditions
+            .iter()
+            .filter(|r| r.rid.is_some())
+            .map(|r| r.hub.clone())
+            .collect();
+        if !layers.is_empty() {
+            outputs.push(tokio::spawn(forward_audio(
+                hub.clone(),
+                layers,
+                output_audio(tracks),
                 stop.clone(),
             )));
         }
@@ -380,7 +399,7 @@ impl Streams {
             if !p.from_settings {
                 return true;
             }
-            let url = p.target.url();
+            let url = p.target.configured();
             if wanted.contains(&url) && !have.contains(&url) {
                 have.push(url);
                 true
@@ -419,6 +438,13 @@ impl Streams {
     /// target's id.
     pub fn add_push(&self, stream: &Stream, url: &str) -> Result<u64, AppError> {
         let target = Target::parse(url).map_err(|e| AppError::BadRequest(e.to_string()))?;
+        if stream.rendition_hub(target.rendition.as_deref()).is_none() {
+            return Err(AppError::Unacceptable(format!(
+                "no rendition {:?} in this stream (its preset has: {})",
+                target.rendition.as_deref().unwrap_or_default(),
+                stream.rendition_names().join(", ")
+            )));
+        }
         let id = self.next_push.fetch_add(1, Ordering::Relaxed);
         self.spawn_push(stream, id, target, false);
         Ok(id)
@@ -432,7 +458,10 @@ impl Streams {
             audio: tracks.audio,
             ..Default::default()
         };
-        let hub = stream.renditions.first().map_or(&stream.hub, |r| &r.hub);
+        let Some(hub) = stream.rendition_hub(target.rendition.as_deref()) else {
+            tracing::error!(stream = %stream.name, target = %target.masked(), renditions = ?stream.rendition_names(), "push target not started: the stream has no such rendition");
+            return;
+        };
         let handle = push::spawn(hub.clone(), target.clone(), options, stream.stop.clone());
         lock(&stream.pushes).push(PushEntry {
             id,
@@ -692,6 +721,47 @@ fn ladder(
         });
     }
     (renditions, rungs)
+}
+
+/// The audio the outputs carry: AAC (transcoded), the published Opus, or
+/// none.
+fn output_audio(tracks: hls::output::Tracks) -> &'static [Codec] {
+    if tracks.audio {
+        &[Codec::Aac]
+    } else if tracks.opus {
+        &[Codec::Opus]
+    } else {
+        &[]
+    }
+}
+
+/// Puts the stream's output audio on its simulcast layers' hubs, each once
+/// the WebRTC session has started it (the layer has video): every rendition
+/// carries the one audio, transcoded once.
+async fn forward_audio(
+    main: Arc<Hub>,
+    layers: Vec<Arc<Hub>>,
+    audio: &'static [Codec],
+    mut shutdown: watch::Receiver<bool>,
+) {
+    if audio.is_empty() {
+        return;
+    }
+    // About 5 s of 20 ms frames.
+    let mut sub = main.subscribe("layer-audio", audio, 256);
+    loop {
+        tokio::select! {
+            f = sub.frames.recv() => {
+                let Some(hf) = f else { break };
+                for hub in &layers {
+                    if hub.publication().is_some_and(|p| p.id == hf.publication.id) {
+                        hub.publish(hf.publication, hf.frame.clone());
+                    }
+                }
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
 }
 
 fn output_tracks(preset: &Preset) -> hls::output::Tracks {

@@ -10,7 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use support::hls_check::{Expect, check_hls};
-use support::server::{MediaPlaylist, Server, publish_cli, sample_mkv};
+use support::nginx::{Nginx, check_recording};
+use support::server::{MediaPlaylist, Server, ffprobe_streams, publish_cli, sample_mkv};
 
 /// `(profile_idc, level_idc)` of the first video stream ffprobe finds.
 fn h264_profile_level(input: &str) -> (u8, u8) {
@@ -288,7 +289,13 @@ async fn simulcast_layers_become_renditions_without_transcoding() {
     let tmp = tempfile::tempdir().unwrap();
     let mid = layer_file(tmp.path(), "mid", "320:180");
     let low = layer_file(tmp.path(), "low", "160:90");
-    let server = Server::start("[stream_defaults]\npreset = \"simulcast\"\n").unwrap();
+    // The low layer is also pushed over RTMP (`#rendition=low`).
+    let nginx = Nginx::start(false).unwrap();
+    let server = Server::start(&format!(
+        "[stream_defaults]\npreset = \"simulcast\"\npush = [\"{}#rendition=low\"]\n",
+        nginx.rtmp_url("sim-low")
+    ))
+    .unwrap();
     let m = format!("m={}", mid.display());
     let l = format!("l={}", low.display());
     let stderr = publish_cli(
@@ -314,4 +321,20 @@ async fn simulcast_layers_become_renditions_without_transcoding() {
     assert_eq!(log.matches("simulcast layer started").count(), 3, "{log}");
     // The layers' keyframes are at the same times: so are the segments.
     assert_aligned(&server, "sim", &renditions, &playlists);
+    // The push carried the low layer, whole.
+    let recording = nginx.recording("sim-low");
+    check_recording(&recording, 10.0).await.unwrap();
+    let video = ffprobe_streams(recording.to_str().unwrap()).unwrap();
+    let video = video.iter().find(|s| s.codec == "h264").unwrap();
+    assert_eq!((video.width, video.height), (Some(160), Some(90)));
+    // A push of a rendition the stream does not have: 422, naming them.
+    let resp = reqwest::Client::new()
+        .post(server.url("/api/v1/streams/sim/push"))
+        .json(&serde_json::json!({ "url": format!("{}#rendition=nope", nginx.rtmp_url("x")) }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422);
+    let body = resp.text().await.unwrap();
+    assert!(body.contains("high, mid, low"), "{body}");
 }

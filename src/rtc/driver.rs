@@ -779,8 +779,7 @@ fn add_remote_candidates(
 
 /// Routes a frame: the main video (or the offer's first simulcast layer) and
 /// the audio to the stream's hub; a layer the stream takes as a rendition to
-/// its hub (the audio there too, once the layer has video); other layers
-/// nowhere.
+/// its hub (started at its first frame); other layers nowhere.
 fn on_media(s: &mut Session, kind: TrackKind, rid: Option<String>, d: &MediaData) {
     let publication = s.publication;
     if let Some(rid) = &rid {
@@ -799,11 +798,9 @@ fn on_media(s: &mut Session, kind: TrackKind, rid: Option<String>, d: &MediaData
     if to_main {
         let out = s.ingest.push(kind, d);
         if let Some(frame) = out.frame {
-            if kind == TrackKind::Audio {
-                for l in s.layers.iter().filter(|l| l.started) {
-                    l.hub.publish(publication, frame.clone());
-                }
-            } else if let Some(i) = layer {
+            // (The layers get the stream's output audio, AAC, from the
+            // stream: see `streams::forward_audio`.)
+            if let Some(i) = layer.filter(|_| kind == TrackKind::Video) {
                 start_layer(s, i);
                 s.layers[i].hub.publish(publication, frame.clone());
             }

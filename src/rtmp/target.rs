@@ -6,6 +6,9 @@
 //! The app is the whole path up to the last `/` (`live2`, or `app/inst` for
 //! servers with application instances), the key is the last segment with any
 //! query string (`key?token=…`): CDNs put authentication there.
+//!
+//! A `#rendition=NAME` suffix (never sent: RTMP URLs have no fragment)
+//! pushes that rendition of an ABR ladder instead of the preset's first.
 
 use std::fmt;
 
@@ -32,6 +35,8 @@ pub enum TargetError {
     NoAppOrKey,
     #[error("push URL contains whitespace or control characters")]
     BadCharacter,
+    #[error("push URL suffix must be #rendition=NAME (letters, digits, '-', '_')")]
+    Rendition,
 }
 
 /// One parsed push destination.
@@ -48,6 +53,8 @@ pub struct Target {
     pub key: String,
     /// `tcUrl` sent in `connect`: scheme, authority as written, app.
     pub tc_url: String,
+    /// The ladder rendition to push (`#rendition=NAME`); `None`: the first.
+    pub rendition: Option<String>,
     masked: String,
 }
 
@@ -58,6 +65,16 @@ impl Target {
         if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(TargetError::BadCharacter);
         }
+        let (url, rendition) = match url.split_once('#') {
+            Some((url, fragment)) => {
+                let name = fragment
+                    .strip_prefix("rendition=")
+                    .filter(|n| crate::preset::valid_rendition_name(n))
+                    .ok_or(TargetError::Rendition)?;
+                (url, Some(name.to_owned()))
+            }
+            None => (url, None),
+        };
         let (tls, rest) = if let Some(r) = strip_prefix_ci(url, "rtmps://") {
             (true, r)
         } else if let Some(r) = strip_prefix_ci(url, "rtmp://") {
@@ -81,7 +98,10 @@ impl Target {
         }
         let scheme = if tls { "rtmps" } else { "rtmp" };
         let tc_url = format!("{scheme}://{authority}/{app}");
-        let masked = format!("{tc_url}/{}", mask_key(key));
+        let mut masked = format!("{tc_url}/{}", mask_key(key));
+        if let Some(r) = &rendition {
+            masked.push_str(&format!("#rendition={r}"));
+        }
         Ok(Target {
             tls,
             host,
@@ -89,6 +109,7 @@ impl Target {
             app: app.to_owned(),
             key: key.to_owned(),
             tc_url,
+            rendition,
             masked,
         })
     }
@@ -106,6 +127,15 @@ impl Target {
     /// The full URL, key included. Secret: never log it.
     pub fn url(&self) -> String {
         format!("{}/{}", self.tc_url, self.key)
+    }
+
+    /// The URL as configured: [`Target::url`] and any `#rendition=` suffix.
+    /// Secret: never log it.
+    pub fn configured(&self) -> String {
+        match &self.rendition {
+            Some(r) => format!("{}#rendition={r}", self.url()),
+            None => self.url(),
+        }
     }
 
     /// `host:port` to connect to (IPv6 in brackets).
@@ -262,6 +292,9 @@ mod tests {
             ("rtmp://u:p@h/app/key", TargetError::Credentials),
             ("rtmp://h/app/ke y", TargetError::BadCharacter),
             ("rtmp://h/app/?k", TargetError::NoAppOrKey),
+            ("rtmp://h/app/key#480p", TargetError::Rendition),
+            ("rtmp://h/app/key#rendition=", TargetError::Rendition),
+            ("rtmp://h/app/key#rendition=a/b", TargetError::Rendition),
         ] {
             assert_eq!(Target::parse(url), Err(err), "{url}");
         }
@@ -278,6 +311,16 @@ mod tests {
             "rtmp://h:1/****"
         );
         assert_eq!(mask_unparsed("garbage-secret"), "****");
+    }
+
+    #[test]
+    fn a_rendition_suffix_picks_the_rendition_and_is_not_sent() {
+        let t = Target::parse("rtmp://h/app/secretkey#rendition=720p").unwrap();
+        assert_eq!(t.rendition.as_deref(), Some("720p"));
+        assert_eq!(t.url(), "rtmp://h/app/secretkey");
+        assert_eq!(t.configured(), "rtmp://h/app/secretkey#rendition=720p");
+        assert_eq!(t.masked(), "rtmp://h/app/****#rendition=720p");
+        assert_eq!(Target::parse("rtmp://h/app/k").unwrap().rendition, None);
     }
 
     #[test]

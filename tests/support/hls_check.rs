@@ -75,6 +75,17 @@ pub async fn check_hls_target(
     let streams = ffprobe_streams(&url).unwrap();
     let found: Vec<_> = streams.iter().map(|s| s.codec.as_str()).collect();
     assert_eq!(found, codecs, "streams in the HLS");
+    // A declared audio stream must carry audio (ffprobe gives an empty
+    // one a sample rate of 0).
+    for s in streams
+        .iter()
+        .filter(|s| matches!(s.codec.as_str(), "aac" | "opus"))
+    {
+        assert!(
+            s.sample_rate > Some(0),
+            "{url}: audio without samples: {s:?}"
+        );
+    }
     if let Some((w, h)) = size {
         let video = streams.iter().find(|s| s.codec == "h264").expect("video");
         assert_eq!((video.width, video.height), (Some(w), Some(h)));

@@ -286,6 +286,8 @@ pub struct ProbedStream {
     pub start_time: f64,
     pub width: Option<u64>,
     pub height: Option<u64>,
+    /// Audio: 0 when the stream is declared but carries nothing.
+    pub sample_rate: Option<u64>,
 }
 
 /// ffprobe of an HLS URL or file: the streams it finds.
@@ -311,6 +313,7 @@ pub fn ffprobe_streams(input: &str) -> anyhow::Result<Vec<ProbedStream>> {
                 .unwrap_or(f64::NAN),
             width: s["width"].as_u64(),
             height: s["height"].as_u64(),
+            sample_rate: s["sample_rate"].as_str().and_then(|r| r.parse().ok()),
         })
         .collect())
 }
