@@ -321,11 +321,16 @@ pub fn ffprobe_streams(input: &str) -> anyhow::Result<Vec<ProbedStream>> {
 /// A full decode with `ffmpeg -v error`: the error output (empty when clean).
 pub fn ffmpeg_decode_errors(input: &str) -> anyhow::Result<String> {
     let out = Command::new("ffmpeg")
-        // Frames keep their own timestamps: with a guessed constant frame
-        // rate, ffmpeg's null muxer can report its own rounding of WebRTC
-        // arrival-jittered times as "non monotonically increasing dts".
+        // Frames keep their own timestamps, in the input's time base (90 kHz
+        // in HLS). By default the decoded frames get a time base of one
+        // over the frame rate ffmpeg guesses from the first timestamps; when
+        // WebRTC arrival jitter makes it guess low (20 fps for 30), frames
+        // round onto the same tick and the null muxer reports "non
+        // monotonically increasing dts ... 3 >= 3" for a clean stream (seen
+        // in CI; reproduced with `-r 20`, which `-enc_time_base -1` fixes).
         .args(["-nostdin", "-v", "error", "-i", input])
-        .args(["-fps_mode", "passthrough", "-f", "null", "-"])
+        .args(["-fps_mode", "passthrough", "-enc_time_base", "-1"])
+        .args(["-f", "null", "-"])
         .output()
         .context("running ffmpeg")?;
     let mut errors = String::from_utf8_lossy(&out.stderr).into_owned();
