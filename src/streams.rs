@@ -272,19 +272,20 @@ impl Streams {
             outputs.push(tokio::spawn(transcode::rendition::run_h264(
                 hub.clone(),
                 rungs,
-                output_audio(tracks),
                 stop.clone(),
             )));
         }
-        let layers: Vec<Arc<Hub>> = renditions
+        // Renditions with hubs of their own (encoded rungs, simulcast
+        // layers) get the stream's audio, transcoded once.
+        let others: Vec<Arc<Hub>> = renditions
             .iter()
-            .filter(|r| r.rid.is_some())
+            .filter(|r| !Arc::ptr_eq(&r.hub, &hub))
             .map(|r| r.hub.clone())
             .collect();
-        if !layers.is_empty() {
+        if !others.is_empty() {
             outputs.push(tokio::spawn(forward_audio(
                 hub.clone(),
-                layers,
+                others,
                 output_audio(tracks),
                 stop.clone(),
             )));
@@ -735,12 +736,13 @@ fn output_audio(tracks: hls::output::Tracks) -> &'static [Codec] {
     }
 }
 
-/// Puts the stream's output audio on its simulcast layers' hubs, each once
-/// the WebRTC session has started it (the layer has video): every rendition
-/// carries the one audio, transcoded once.
+/// Puts the stream's output audio on the hubs of its other renditions, each
+/// once whoever feeds its video (the video transcoder, the WebRTC session
+/// for a simulcast layer) has started it: every rendition carries the one
+/// audio, transcoded once.
 async fn forward_audio(
     main: Arc<Hub>,
-    layers: Vec<Arc<Hub>>,
+    renditions: Vec<Arc<Hub>>,
     audio: &'static [Codec],
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -753,7 +755,7 @@ async fn forward_audio(
         tokio::select! {
             f = sub.frames.recv() => {
                 let Some(hf) = f else { break };
-                for hub in &layers {
+                for hub in &renditions {
                     if hub.publication().is_some_and(|p| p.id == hf.publication.id) {
                         hub.publish(hf.publication, hf.frame.clone());
                     }

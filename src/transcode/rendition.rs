@@ -77,14 +77,9 @@ impl Drop for Live {
 /// The video transcoder of a stream: decodes the publisher's video once and
 /// encodes each rung (its own thread, one bounded queue). Rungs whose hub is
 /// another than `main` are renditions: their hubs get the stream's
-/// publication and its `audio` frames too, so each carries a complete
-/// program (an HLS variant, a push).
-pub async fn run_h264(
-    main: Arc<Hub>,
-    rungs: Vec<Rung>,
-    audio: &[Codec],
-    mut shutdown: watch::Receiver<bool>,
-) {
+/// publication from here (the stream puts its audio on them), so each
+/// carries a complete program (an HLS variant, a push).
+pub async fn run_h264(main: Arc<Hub>, rungs: Vec<Rung>, mut shutdown: watch::Receiver<bool>) {
     let mut renditions: Vec<Arc<Hub>> = Vec::new();
     for r in &rungs {
         if !Arc::ptr_eq(&r.hub, &main) && !renditions.iter().any(|h| Arc::ptr_eq(h, &r.hub)) {
@@ -95,10 +90,7 @@ pub async fn run_h264(
     if rungs.iter().any(|r| r.settings.for_h264_input) {
         codecs.push(Codec::H264);
     }
-    if !renditions.is_empty() {
-        codecs.extend_from_slice(audio);
-    }
-    // About 4 s of video (and its audio).
+    // About 4 s of video.
     let mut sub = main.subscribe("h264-transcoder", &codecs, 320);
     let mut ladder = Ladder {
         span: tracing::info_span!("transcoder", stream = %main.name(), kind = ToH264::NAME),
@@ -185,12 +177,6 @@ impl Ladder {
                 id: publication.id,
             }));
             self.until_keyframe = false;
-        }
-        if hf.frame.codec().kind() != TrackKind::Video {
-            for hub in &self.renditions {
-                hub.publish(publication, hf.frame.clone());
-            }
-            return;
         }
         if self.worker.is_none() && !self.start_worker(publication) {
             return;
