@@ -670,13 +670,13 @@ impl Config {
         if self.server.max_body_bytes < 1024 {
             return Err(invalid("server.max_body_bytes", "must be at least 1024"));
         }
-        if let Some(f) = &self.rtmp.ca_file {
-            if !f.is_file() {
-                return Err(invalid(
-                    "rtmp.ca_file",
-                    format!("{} is not a readable file", f.display()),
-                ));
-            }
+        if let Some(f) = &self.rtmp.ca_file
+            && !f.is_file()
+        {
+            return Err(invalid(
+                "rtmp.ca_file",
+                format!("{} is not a readable file", f.display()),
+            ));
         }
         if self.server.api_token.as_ref().is_some_and(|t| t.len() < 16) {
             return Err(invalid(

@@ -322,10 +322,10 @@ fn parse_nal_units(data: &[u8]) {
             NAL_PPS => pps = Pps::parse(nal).ok().or(pps),
             t if t == h264::NAL_SLICE || t == NAL_IDR => {
                 let _ = SliceHeader::pps_id(nal);
-                if let (Some(s), Some(p)) = (&sps, &pps) {
-                    if let Ok(header) = SliceHeader::parse(nal, s, p) {
-                        let _ = poc.next(s, &header);
-                    }
+                if let (Some(s), Some(p)) = (&sps, &pps)
+                    && let Ok(header) = SliceHeader::parse(nal, s, p)
+                {
+                    let _ = poc.next(s, &header);
                 }
             }
             _ => {}
@@ -767,7 +767,7 @@ impl FlvCheck {
             .push(kind, timestamp_ms, body)
             .expect("tag() took it");
         assert_eq!(self.file.len(), before + tag.len() as u64);
-        if timestamp_ms % 7 == 0 {
+        if timestamp_ms.is_multiple_of(7) {
             self.taken += self.file.take().len() as u64;
             assert_eq!(self.taken, self.file.len());
         }

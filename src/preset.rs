@@ -422,7 +422,8 @@ pub struct Audio {
     pub sample_rate: Option<u32>,
     /// 1 or 2 (default 2).
     pub channels: Option<u8>,
-    /// AAC encoder search: `fast` (default) or `twoloop`.
+    /// AAC encoder: `syom` (default, pure Rust, the cheapest), or FFmpeg's
+    /// native encoder with its `fast` or `twoloop` coder.
     pub coder: Option<AacCoderName>,
 }
 
@@ -442,6 +443,7 @@ pub enum AudioMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AacCoderName {
+    Syom,
     Fast,
     Twoloop,
 }
@@ -459,6 +461,7 @@ impl Audio {
             channels: self.channels.unwrap_or(d.channels),
             coder: match self.coder {
                 None => d.coder,
+                Some(AacCoderName::Syom) => AacCoder::Syom,
                 Some(AacCoderName::Fast) => AacCoder::Fast,
                 Some(AacCoderName::Twoloop) => AacCoder::TwoLoop,
             },
@@ -490,13 +493,13 @@ impl Preset {
                 ),
             ));
         }
-        if let Some(name) = &parsed.name {
-            if *name != stem {
-                return Err(invalid(
-                    "name",
-                    format!("`{name}` differs from the file name `{stem}.toml`"),
-                ));
-            }
+        if let Some(name) = &parsed.name
+            && *name != stem
+        {
+            return Err(invalid(
+                "name",
+                format!("`{name}` differs from the file name `{stem}.toml`"),
+            ));
         }
         let preset = Preset {
             name: stem,
@@ -622,26 +625,26 @@ impl Preset {
 
         let a = &self.audio;
         if a.mode == AudioMode::Aac {
-            if let Some(b) = a.bitrate {
-                if !AAC_BITRATES.contains(&b) {
-                    return Err(err(
-                        "audio.bitrate",
-                        "must be between 16000 and 320000 bits/s",
-                    ));
-                }
+            if let Some(b) = a.bitrate
+                && !AAC_BITRATES.contains(&b)
+            {
+                return Err(err(
+                    "audio.bitrate",
+                    "must be between 16000 and 320000 bits/s",
+                ));
             }
-            if let Some(r) = a.sample_rate {
-                if !AAC_SAMPLE_RATES.contains(&r) {
-                    return Err(err(
-                        "audio.sample_rate",
-                        format!("must be one of {AAC_SAMPLE_RATES:?} Hz"),
-                    ));
-                }
+            if let Some(r) = a.sample_rate
+                && !AAC_SAMPLE_RATES.contains(&r)
+            {
+                return Err(err(
+                    "audio.sample_rate",
+                    format!("must be one of {AAC_SAMPLE_RATES:?} Hz"),
+                ));
             }
-            if let Some(c) = a.channels {
-                if !(1..=2).contains(&c) {
-                    return Err(err("audio.channels", "must be 1 or 2"));
-                }
+            if let Some(c) = a.channels
+                && !(1..=2).contains(&c)
+            {
+                return Err(err("audio.channels", "must be 1 or 2"));
             }
         } else {
             let set = [
@@ -743,26 +746,26 @@ fn validate_encoded(r: &Rendition, key: &str) -> Result<(), (String, String)> {
             return Err(err(k("maxrate"), "must be at most 200000000 bits/s"));
         }
     }
-    if let (Some(b), Some(m)) = (r.bufsize, r.maxrate()) {
-        if u64::from(b) * 10 < u64::from(m) || u64::from(b) > u64::from(m) * 10 {
-            return Err(err(
-                k("bufsize"),
-                format!("must be between a tenth of and ten times the maxrate ({m} bits/s)"),
-            ));
-        }
+    if let (Some(b), Some(m)) = (r.bufsize, r.maxrate())
+        && (u64::from(b) * 10 < u64::from(m) || u64::from(b) > u64::from(m) * 10)
+    {
+        return Err(err(
+            k("bufsize"),
+            format!("must be between a tenth of and ten times the maxrate ({m} bits/s)"),
+        ));
     }
-    if let Some(fps) = r.max_fps {
-        if !(fps.is_finite() && (1.0..=120.0).contains(&fps)) {
-            return Err(err(k("max_fps"), "must be between 1 and 120"));
-        }
+    if let Some(fps) = r.max_fps
+        && !(fps.is_finite() && (1.0..=120.0).contains(&fps))
+    {
+        return Err(err(k("max_fps"), "must be between 1 and 120"));
     }
-    if let Some(Gop::Seconds(s)) = r.gop {
-        if !(s.is_finite() && (0.25..=20.0).contains(&s)) {
-            return Err(err(
-                k("gop"),
-                "must be between 0.25 and 20 seconds, or \"segment\"",
-            ));
-        }
+    if let Some(Gop::Seconds(s)) = r.gop
+        && !(s.is_finite() && (0.25..=20.0).contains(&s))
+    {
+        return Err(err(
+            k("gop"),
+            "must be between 0.25 and 20 seconds, or \"segment\"",
+        ));
     }
     if !r.encoder().may_be_x264() {
         let x264 = [
@@ -782,13 +785,13 @@ fn validate_encoded(r: &Rendition, key: &str) -> Result<(), (String, String)> {
     if let Some(tune) = &r.x264_tune {
         check_tune(&k("x264_tune"), tune)?;
     }
-    if let Some(H264Level(level)) = &r.level {
-        if !H264_LEVELS.contains(&level.as_str()) {
-            return Err(err(
-                k("level"),
-                format!("`{level}` is not an H264 level (1 to 6.2, e.g. \"4.1\")"),
-            ));
-        }
+    if let Some(H264Level(level)) = &r.level
+        && !H264_LEVELS.contains(&level.as_str())
+    {
+        return Err(err(
+            k("level"),
+            format!("`{level}` is not an H264 level (1 to 6.2, e.g. \"4.1\")"),
+        ));
     }
     Ok(())
 }
@@ -797,7 +800,7 @@ fn check_side(key: &str, v: u32, max: u32) -> Result<(), (String, String)> {
     if !(MIN_SIDE..=max).contains(&v) {
         return Err(err(key, format!("must be between {MIN_SIDE} and {max}")));
     }
-    if v % 2 != 0 {
+    if !v.is_multiple_of(2) {
         return Err(err(key, "must be even"));
     }
     Ok(())
@@ -957,10 +960,10 @@ impl Presets {
                 source,
             })?;
             let preset = Preset::parse(&text, &path.display().to_string())?;
-            if let Some(old) = presets.by_name.get(&preset.name) {
-                if old.video != preset.video || old.audio != preset.audio {
-                    tracing::info!(preset = %preset.name, file = %path.display(), "preset replaces the shipped one");
-                }
+            if let Some(old) = presets.by_name.get(&preset.name)
+                && (old.video != preset.video || old.audio != preset.audio)
+            {
+                tracing::info!(preset = %preset.name, file = %path.display(), "preset replaces the shipped one");
             }
             presets
                 .by_name

@@ -1874,10 +1874,10 @@ impl Demuxer {
                 // back to their PTS would hold back a reordered frame (and
                 // the audio queued behind it) by the reorder delay. Send it
                 // right after the previous frame instead.
-                if packet.dts().is_none() {
-                    if let Some(last) = self.last_video_send_us {
-                        send_out = last;
-                    }
+                if packet.dts().is_none()
+                    && let Some(last) = self.last_video_send_us
+                {
+                    send_out = last;
                 }
                 self.last_video_send_us = Some(send_out);
             }

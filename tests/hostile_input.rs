@@ -1007,7 +1007,7 @@ fn push_attr(msg: &mut Vec<u8>, typ: u16, value: &[u8]) {
     msg.extend_from_slice(&typ.to_be_bytes());
     msg.extend_from_slice(&(value.len() as u16).to_be_bytes());
     msg.extend_from_slice(value);
-    while msg.len() % 4 != 0 {
+    while !msg.len().is_multiple_of(4) {
         msg.push(0);
     }
 }
@@ -1092,7 +1092,7 @@ fn junk_datagram(rng: &mut StdRng, i: usize, creds: &IceCreds, live_ssrcs: &[u32
     match i {
         0 => return Vec::new(),
         500 => return random(rng, 60_000),
-        _ if i % 997 == 0 => return random(rng, 9000),
+        _ if i.is_multiple_of(997) => return random(rng, 9000),
         _ => {}
     }
     match i % 10 {

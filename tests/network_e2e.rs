@@ -55,7 +55,7 @@ async fn lossy_nat(
             let is_rtp = n > 12 && (128..192).contains(&p[0]) && !(200..=211).contains(&p[1]);
             if is_rtp {
                 rtp += 1;
-                if rtp % drop_every == 0 {
+                if rtp.is_multiple_of(drop_every) {
                     d.dropped.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }

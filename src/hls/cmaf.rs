@@ -325,22 +325,22 @@ impl CmafSegmenter {
         if self.waiting.is_empty() && !self.starts(kind, &frame) {
             return Ok(());
         }
-        if let Some((_, first, _)) = self.waiting.first() {
-            if frame.dts < first.dts {
-                // Late audio from before the first keyframe: the stream
-                // starts with the video (players take the earliest track's
-                // start as the stream's).
-                return Ok(());
-            }
+        if let Some((_, first, _)) = self.waiting.first()
+            && frame.dts < first.dts
+        {
+            // Late audio from before the first keyframe: the stream
+            // starts with the video (players take the earliest track's
+            // start as the stream's).
+            return Ok(());
         }
-        if let Some((_, previous, _)) = self.waiting.iter().rev().find(|(k, _, _)| *k == kind) {
-            if frame.dts <= previous.dts {
-                return Err(Fmp4Error::DtsNotIncreasing {
-                    kind,
-                    dts: frame.dts,
-                    previous: previous.dts,
-                });
-            }
+        if let Some((_, previous, _)) = self.waiting.iter().rev().find(|(k, _, _)| *k == kind)
+            && frame.dts <= previous.dts
+        {
+            return Err(Fmp4Error::DtsNotIncreasing {
+                kind,
+                dts: frame.dts,
+                previous: previous.dts,
+            });
         }
         self.note_params(kind, &frame);
         self.waiting.push((kind, frame, now));
@@ -492,11 +492,12 @@ impl CmafSegmenter {
             self.cut_part(dts, events);
             return;
         }
-        if let Some(previous) = previous {
-            if dts - part_start > part_ticks && previous > part_start {
-                // A late frame: the part ends at the frame before it.
-                self.cut_part(previous, events);
-            }
+        if let Some(previous) = previous
+            && dts - part_start > part_ticks
+            && previous > part_start
+        {
+            // A late frame: the part ends at the frame before it.
+            self.cut_part(previous, events);
         }
         let part_start = self.open.as_ref().map_or(dts, |o| o.part_start);
         let length = dts - part_start;

@@ -216,10 +216,10 @@ pub async fn run(
     };
     // The renditions clear their own directories; an earlier run without
     // a ladder may have left files next to them.
-    if storage.as_ref().is_some_and(|s| s.kind() == "local") {
-        if let Err(e) = clear_files(&dir).await {
-            tracing::warn!(parent: &span, error = %e, "cannot clear the stream's HLS directory");
-        }
+    if storage.as_ref().is_some_and(|s| s.kind() == "local")
+        && let Err(e) = clear_files(&dir).await
+    {
+        tracing::warn!(parent: &span, error = %e, "cannot clear the stream's HLS directory");
     }
     let store = Arc::new(Store::new());
     store::register(&dir, store.clone());

@@ -498,11 +498,11 @@ impl Output {
     /// Renders the playlist into the store with `changes` and wakes
     /// waiting requests; with `to_disk`, writes the file playlist too.
     async fn publish(&mut self, mut changes: Changes, to_disk: bool) {
-        if self.low_latency() {
-            if let Some((_, report)) = self.meter.as_ref() {
-                let reports = report.edges(self.playlist.report_edge());
-                self.playlist.set_rendition_reports(reports);
-            }
+        if self.low_latency()
+            && let Some((_, report)) = self.meter.as_ref()
+        {
+            let reports = report.edges(self.playlist.report_edge());
+            self.playlist.set_rendition_reports(reports);
         }
         let full = Bytes::from(self.playlist.render());
         let delta = self

@@ -72,15 +72,15 @@ pub async fn limit(State(limit): State<Arc<RateLimit>>, req: Request, next: Next
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(a)| a.ip());
-    if let (true, Some(ip)) = (costly, ip) {
-        if let Err(wait) = limit.check(ip) {
-            telemetry::counters().rate_limited.increment(1);
-            tracing::info!(%ip, method = %req.method(), "rate limited");
-            return AppError::RateLimited {
-                retry_after: wait.max(1),
-            }
-            .into_response();
+    if let (true, Some(ip)) = (costly, ip)
+        && let Err(wait) = limit.check(ip)
+    {
+        telemetry::counters().rate_limited.increment(1);
+        tracing::info!(%ip, method = %req.method(), "rate limited");
+        return AppError::RateLimited {
+            retry_after: wait.max(1),
         }
+        .into_response();
     }
     next.run(req).await
 }

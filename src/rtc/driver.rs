@@ -467,13 +467,13 @@ impl Driver {
         let mut out: Vec<Outgoing> = Vec::new();
         let idle_timeout = self.idle_timeout;
         if now < self.next_due {
-            if let Some(id) = touched {
-                if let Some(s) = self.sessions.get_mut(&id) {
-                    if step(s, now, false, idle_timeout, &mut out) {
-                        self.next_due = self.next_due.min(s.next_timeout);
-                    } else {
-                        dead.push(id);
-                    }
+            if let Some(id) = touched
+                && let Some(s) = self.sessions.get_mut(&id)
+            {
+                if step(s, now, false, idle_timeout, &mut out) {
+                    self.next_due = self.next_due.min(s.next_timeout);
+                } else {
+                    dead.push(id);
                 }
             }
         } else {
@@ -655,10 +655,8 @@ fn poll_session(
     timer_due: bool,
     out: &mut Vec<Outgoing>,
 ) -> Result<Option<Instant>, String> {
-    if timer_due {
-        if let Err(e) = s.rtc.handle_input(Input::Timeout(now)) {
-            return Err(format!("webrtc error: {e}"));
-        }
+    if timer_due && let Err(e) = s.rtc.handle_input(Input::Timeout(now)) {
+        return Err(format!("webrtc error: {e}"));
     }
     loop {
         if !s.rtc.is_alive() {

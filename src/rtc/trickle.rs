@@ -254,7 +254,7 @@ fn candidate(attr: &str) -> Result<Option<Candidate>, String> {
     let mut ufrag = None;
     // Extensions: name/value pairs.
     let rest: Vec<&str> = it.collect();
-    if rest.len() % 2 != 0 {
+    if !rest.len().is_multiple_of(2) {
         return Err("candidate extension without a value".into());
     }
     for pair in rest.chunks(2) {

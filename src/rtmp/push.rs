@@ -516,11 +516,10 @@ impl Worker {
                     Input::Ended => {
                         // What the publisher sent before leaving goes first.
                         while let Ok(hf) = self.sub.frames.try_recv() {
-                            if hf.publication.id == publication.id {
-                                if let Err(e) = self.send(&mut conn, &mut mux, &hf.frame).await {
+                            if hf.publication.id == publication.id
+                                && let Err(e) = self.send(&mut conn, &mut mux, &hf.frame).await {
                                     return (Err(e), Some(Outcome::Ended));
                                 }
-                            }
                         }
                         return (conn.finish(write_timeout).await, Some(Outcome::Ended));
                     }

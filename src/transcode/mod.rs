@@ -43,6 +43,8 @@ pub enum TranscodeError {
     EmptyPacket,
     #[error("unexpected codec {0:?}")]
     WrongCodec(Codec),
+    #[error("encoder error: {0}")]
+    Encode(String),
     #[error("undecodable packet: {0}")]
     Decode(#[source] ff::Error),
     #[error("transcoder already flushed")]

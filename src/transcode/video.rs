@@ -271,7 +271,7 @@ impl ToH264 {
                 // stop the others, nor delay their frames: it is counted
                 // and logged (the first, then every 300th).
                 if let Err(error) = encoded.result {
-                    if self.stats.rung_errors % 300 == 0 {
+                    if self.stats.rung_errors.is_multiple_of(300) {
                         tracing::warn!(rung = i, encoder = %rung.settings.encoder, %error, "rendition not encoded");
                     }
                     self.stats.rung_errors += 1;
@@ -690,11 +690,11 @@ mod tests {
         let mut sizes = Vec::new();
         for f in &input {
             for (_, o) in t.push(f).unwrap() {
-                if let CodecParams::H264 { width, height, .. } = &*o.params {
-                    if sizes.last() != Some(&(*width, *height)) {
-                        assert!(o.key, "a new size starts on a keyframe");
-                        sizes.push((*width, *height));
-                    }
+                if let CodecParams::H264 { width, height, .. } = &*o.params
+                    && sizes.last() != Some(&(*width, *height))
+                {
+                    assert!(o.key, "a new size starts on a keyframe");
+                    sizes.push((*width, *height));
                 }
             }
         }
