@@ -1,8 +1,9 @@
 //! Opus → AAC-LC, for outputs that cannot carry Opus (MPEG-TS HLS players, RTMP).
 //!
 //! [`OpusToAac`] is the synchronous core: Opus packets in, raw AAC frames out,
-//! on the hub's 90 kHz timeline. [`AudioTranscoder`] runs one on a dedicated
-//! thread behind a bounded queue that drops instead of blocking the caller.
+//! on the hub's 90 kHz timeline. The server runs one per publication in the
+//! stream's AAC reader task (`rendition::run_aac`); it is also a worker
+//! [`Core`], for running it on a thread of its own.
 //!
 //! Pipeline: FFmpeg's Opus decoder (native, libopus as fallback), always
 //! decoding to stereo (mono-coded Opus packets are upmixed by the decoder) →
@@ -42,7 +43,7 @@ use ff::util::error::EAGAIN;
 use ff::{ChannelLayout, Packet, codec, decoder, encoder, frame};
 use ffmpeg_next as ff;
 
-use super::worker::{Core, Worker};
+use super::worker::Core;
 use crate::media::frame::{CLOCK_HZ, Codec, CodecParams, Frame};
 
 /// Input/output misalignment (90 kHz ticks) that triggers a resync: 100 ms.
@@ -774,9 +775,6 @@ fn append_planar(fifo: &mut [Vec<f32>], f: &frame::Audio) -> Result<(), Transcod
     Ok(())
 }
 
-/// An [`OpusToAac`] on its own thread, fed by a bounded queue.
-pub type AudioTranscoder = Worker<OpusToAac>;
-
 impl Core for OpusToAac {
     type Stats = TranscodeStats;
     type Out = Frame;
@@ -798,7 +796,7 @@ impl Core for OpusToAac {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transcode::worker::PushError;
+    use crate::transcode::worker::{PushError, Worker};
     use std::sync::mpsc;
 
     const AMP: f32 = 0.5;
@@ -1221,7 +1219,7 @@ mod tests {
     fn thread_wrapper_flushes_on_close() {
         let packets = opus_packets(2, 100);
         let (tx, rx) = mpsc::channel();
-        let t = AudioTranscoder::spawn(
+        let t = Worker::<OpusToAac>::spawn(
             OpusToAac::new(AacSettings::default()).unwrap(),
             "test",
             200,
@@ -1245,7 +1243,7 @@ mod tests {
     fn thread_wrapper_drops_when_full() {
         let packets = opus_packets(2, 50);
         let (gate_tx, gate_rx) = mpsc::channel::<()>();
-        let t = AudioTranscoder::spawn(
+        let t = Worker::<OpusToAac>::spawn(
             OpusToAac::new(AacSettings::default()).unwrap(),
             "full",
             2,

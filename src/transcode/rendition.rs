@@ -1,10 +1,10 @@
 //! Transcoders as hub readers: a transcoder reads the publisher's frames of
-//! one kind from the stream's hub, transcodes them on its own thread and
-//! puts the result into a hub, where HLS and RTMP read it. The AAC
-//! transcoder turns Opus into AAC, back into the same hub. The H264
+//! one kind from the stream's hub, transcodes them and puts the result into
+//! a hub, where HLS and RTMP read it. The AAC transcoder turns Opus into AAC,
+//! back into the same hub, in its reader task. The H264
 //! transcoder turns VP8 into H264 (back into the same hub) and encodes the
-//! rungs of ABR ladders (each into a rendition hub of its own). One
-//! transcoder per publication, so a publisher coming back starts a fresh
+//! rungs of ABR ladders (each into a rendition hub of its own), on a thread
+//! of its own. One transcoder per publication, so a publisher coming back starts a fresh
 //! decoder.
 
 use std::sync::Arc;
@@ -16,34 +16,89 @@ use super::audio::{AacSettings, OpusToAac};
 use super::video::{ToH264, VideoSettings};
 use super::worker::{Core, PushError, Worker};
 use crate::hub::{Hub, HubFrame, Publication};
-use crate::media::frame::{Codec, Frame, TrackKind};
+use crate::media::frame::Codec;
 
-/// What one rendition reads and how much it may queue.
-struct Reader {
-    /// Name in metrics and logs.
-    name: &'static str,
-    codecs: &'static [Codec],
-    /// Frames queued for the hub reader.
-    hub_queue: usize,
-    /// Frames queued for the transcoder thread.
-    thread_queue: usize,
+/// The stream's Opus → AAC transcoder. It runs in this task, not on a
+/// thread of its own: a 20 ms packet costs about 60 µs (Opus decoding and
+/// syom), less than the two thread hand-offs per packet it would take to run
+/// it elsewhere (measured with `scripts/bench.sh`: the hand-offs were half
+/// of the audio's cost per stream). When this task falls behind, its hub
+/// queue (about 5 s) fills and the hub drops and counts, as for any reader.
+pub async fn run_aac(hub: Arc<Hub>, settings: AacSettings, mut shutdown: watch::Receiver<bool>) {
+    let span = tracing::info_span!("transcoder", stream = %hub.name(), kind = "aac");
+    let mut sub = hub.subscribe("aac-transcoder", &[Codec::Opus], 256);
+    let mut current: Option<(Publication, OpusToAac)> = None;
+    let mut errors = RateLimited::default();
+    loop {
+        let hf = tokio::select! {
+            f = sub.frames.recv() => match f {
+                Some(f) => f,
+                None => break,
+            },
+            changed = sub.state.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                if sub.state.borrow_and_update().is_none() {
+                    finish_aac(&hub, current.take(), &span);
+                }
+                continue;
+            }
+            _ = shutdown.changed() => break,
+        };
+        if current.as_ref().map(|(p, _)| p.id) != Some(hf.publication.id) {
+            finish_aac(&hub, current.take(), &span);
+            match OpusToAac::new(settings.clone()) {
+                Ok(t) => current = Some((hf.publication, t)),
+                Err(e) => {
+                    tracing::error!(parent: &span, error = %e, "cannot start the AAC transcoder; this track is lost");
+                    continue;
+                }
+            }
+        }
+        let Some((publication, transcoder)) = current.as_mut() else {
+            continue;
+        };
+        match transcoder.push(&hf.frame) {
+            Ok(out) => out.into_iter().for_each(|f| hub.publish(*publication, f)),
+            Err(error) => errors.warn(&span, &error),
+        }
+    }
+    finish_aac(&hub, current.take(), &span);
 }
 
-pub async fn run_aac(hub: Arc<Hub>, settings: AacSettings, shutdown: watch::Receiver<bool>) {
-    let reader = Reader {
-        name: "aac-transcoder",
-        codecs: &[Codec::Opus],
-        // About 5 s and 2 s of 20 ms packets.
-        hub_queue: 256,
-        thread_queue: 100,
+/// Flushes a publication's AAC transcoder into the hub.
+fn finish_aac(hub: &Hub, current: Option<(Publication, OpusToAac)>, span: &tracing::Span) {
+    let Some((publication, mut transcoder)) = current else {
+        return;
     };
-    run(
-        hub,
-        reader,
-        move || OpusToAac::new(settings.clone()),
-        shutdown,
-    )
-    .await;
+    match transcoder.flush() {
+        Ok(out) => out.into_iter().for_each(|f| hub.publish(publication, f)),
+        Err(error) => tracing::warn!(parent: span, %error, "transcode flush failed"),
+    }
+    tracing::debug!(parent: span, stats = ?transcoder.stats(), "transcoder stopped");
+}
+
+/// A warning at most every 5 s, with how many were suppressed since.
+#[derive(Default)]
+struct RateLimited {
+    last: Option<std::time::Instant>,
+    suppressed: u64,
+}
+
+impl RateLimited {
+    fn warn(&mut self, span: &tracing::Span, error: &TranscodeError) {
+        if self
+            .last
+            .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(5))
+        {
+            tracing::warn!(parent: span, %error, suppressed = self.suppressed, "transcode error");
+            self.last = Some(std::time::Instant::now());
+            self.suppressed = 0;
+        } else {
+            self.suppressed += 1;
+        }
+    }
 }
 
 /// Video codecs the outputs cannot carry: published in one of them, the
@@ -229,85 +284,6 @@ impl Ladder {
             Err(e) => {
                 tracing::error!(parent: &self.span, error = %e, "cannot start the video transcoder; its renditions get no video");
                 false
-            }
-        }
-    }
-}
-
-async fn run<C: Core<Out = Frame>>(
-    hub: Arc<Hub>,
-    reader: Reader,
-    make: impl Fn() -> Result<C, TranscodeError>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let span = tracing::info_span!("transcoder", stream = %hub.name(), kind = C::NAME);
-    let mut sub = hub.subscribe(reader.name, reader.codecs, reader.hub_queue);
-    let mut current: Option<(Publication, Worker<C>)> = None;
-    let mut dropped_reported = 0;
-    // Video lost to a full queue cannot be decoded until the next keyframe.
-    let mut until_keyframe = false;
-    let dropped_busy = crate::telemetry::frames_dropped(hub.name(), reader.name, "transcoder_busy");
-    loop {
-        let hf = tokio::select! {
-            f = sub.frames.recv() => match f {
-                Some(f) => f,
-                None => break,
-            },
-            changed = sub.state.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                if sub.state.borrow_and_update().is_none() {
-                    // Dropping the transcoder flushes its last frames.
-                    current = None;
-                }
-                continue;
-            }
-            _ = shutdown.changed() => break,
-        };
-        if current.as_ref().map(|(p, _)| p.id) != Some(hf.publication.id) {
-            let publication = hf.publication;
-            let out = hub.clone();
-            let started = make().and_then(|core| {
-                Worker::spawn(core, hub.name(), reader.thread_queue, move |f| {
-                    out.publish(publication, f)
-                })
-            });
-            match started {
-                Ok(t) => current = Some((publication, t)),
-                Err(e) => {
-                    tracing::error!(parent: &span, error = %e, "cannot start the transcoder; this track is lost");
-                    current = None;
-                    continue;
-                }
-            }
-        }
-        let Some((_, transcoder)) = current.as_ref() else {
-            continue;
-        };
-        let video = hf.frame.codec().kind() == TrackKind::Video;
-        if until_keyframe && !hf.frame.key {
-            dropped_busy.increment(1);
-            continue;
-        }
-        until_keyframe = false;
-        match transcoder.try_push(hf.frame) {
-            Ok(()) => {}
-            Err(PushError::Full) => {
-                dropped_busy.increment(1);
-                if video {
-                    until_keyframe = true;
-                    hub.request_keyframe();
-                }
-                let dropped = transcoder.dropped();
-                if dropped >= dropped_reported + 50 {
-                    tracing::warn!(parent: &span, dropped, "transcoder too slow, frames dropped");
-                    dropped_reported = dropped;
-                }
-            }
-            Err(PushError::Closed) => {
-                tracing::error!(parent: &span, "transcoder thread stopped");
-                current = None;
             }
         }
     }
