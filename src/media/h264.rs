@@ -110,12 +110,20 @@ pub fn split_annexb(data: &[u8]) -> AnnexBIter<'_> {
     AnnexBIter { data, pos: 0 }
 }
 
-/// Position of the next `00 00 01` at or after `from`.
+/// Position of the next `00 00 01` at or after `from`. Looks at the last
+/// byte a start code would have: above 1, or 1 without two zeros before
+/// it, no start code ends at it or at the next two bytes, so the scan
+/// skips three (most bytes of a slice are above 1).
 fn find_start_code(data: &[u8], from: usize) -> Option<usize> {
-    let rest = data.get(from..)?;
-    rest.windows(3)
-        .position(|w| w == [0, 0, 1])
-        .map(|i| i + from)
+    let mut i = from.checked_add(2)?;
+    while let Some(&b) = data.get(i) {
+        match b {
+            0 => i += 1,
+            1 if data[i - 1] == 0 && data[i - 2] == 0 => return Some(i - 2),
+            _ => i += 3,
+        }
+    }
+    None
 }
 
 impl<'a> Iterator for AnnexBIter<'a> {
@@ -1569,6 +1577,30 @@ mod tests {
         assert_eq!(split_annexb(&[0, 0, 1, 0, 0, 0, 1]).count(), 0);
         assert_eq!(split_annexb(&[]).count(), 0);
         assert_eq!(split_annexb(&[0, 0]).count(), 0);
+    }
+
+    #[test]
+    fn start_code_scan_matches_a_plain_search() {
+        // Bytes drawn from {0, 1, 2, 0x65} so start codes are frequent.
+        let mut x = 0x2545_f491_u32;
+        for len in 0..400 {
+            let data: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    [0, 0, 1, 2, 0x65][(x % 5) as usize]
+                })
+                .collect();
+            for from in 0..len.min(8) {
+                let plain = data[from..]
+                    .windows(3)
+                    .position(|w| w == [0, 0, 1])
+                    .map(|i| i + from);
+                assert_eq!(find_start_code(&data, from), plain, "{data:?} from {from}");
+            }
+        }
+        assert_eq!(find_start_code(&[0, 0, 1], 5), None);
     }
 
     #[test]

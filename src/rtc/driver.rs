@@ -35,6 +35,10 @@ const STATS_INTERVAL: Duration = Duration::from_secs(2);
 /// Longest the driver sleeps without looking at a session.
 const MAX_SLEEP: Duration = Duration::from_millis(500);
 
+/// Datagrams read per wake-up of the driver at most, before its sessions
+/// run (and before commands and timers get a turn).
+const RECV_BATCH: usize = 32;
+
 pub(super) enum Command {
     Create {
         id: String,
@@ -190,10 +194,12 @@ impl Driver {
 
     pub(super) async fn run(mut self) {
         let mut buf = vec![0u8; 2048];
-        let mut next_timeout = Instant::now();
-        let mut touched: Option<String> = None;
+        let mut out: Vec<Outgoing> = Vec::new();
+        // One timer for the loop, moved as the deadline moves (a new one
+        // per datagram was a timer-wheel insert and removal each time).
+        let sleep = tokio::time::sleep_until(tokio::time::Instant::now());
+        tokio::pin!(sleep);
         loop {
-            let sleep_until = tokio::time::Instant::from_std(next_timeout);
             tokio::select! {
                 cmd = self.commands.recv() => {
                     match cmd {
@@ -208,6 +214,7 @@ impl Driver {
                             self.command(cmd);
                             // A command may have made a session's work due.
                             self.wake();
+                            self.run_sessions(Instant::now(), None, &mut out);
                         }
                         None => return,
                     }
@@ -215,21 +222,43 @@ impl Driver {
                 r = self.socket.recv_from(&mut buf) => {
                     match r {
                         Ok((n, source)) => {
-                            let c = telemetry::counters();
-                            c.packets_in.increment(1);
-                            c.bytes_in.increment(n as u64);
-                            touched = self.datagram(&buf[..n], source, Protocol::Udp);
+                            self.udp_datagram(&buf[..n], source, &mut out);
+                            // Whatever else has arrived meanwhile: under
+                            // load one wake-up serves many datagrams.
+                            for _ in 1..RECV_BATCH {
+                                match self.socket.try_recv_from(&mut buf) {
+                                    Ok((n, source)) => {
+                                        self.udp_datagram(&buf[..n], source, &mut out)
+                                    }
+                                    Err(_) => break,
+                                }
+                            }
                         }
                         Err(e) => tracing::debug!(error = %e, "udp receive error"),
                     }
                 }
                 Some(ev) = tcp_event(&mut self.tcp) => {
-                    touched = self.tcp_event(ev);
+                    let touched = self.tcp_event(ev);
+                    self.run_sessions(Instant::now(), touched, &mut out);
                 }
-                _ = tokio::time::sleep_until(sleep_until) => {}
+                _ = &mut sleep => self.run_sessions(Instant::now(), None, &mut out),
             }
-            next_timeout = self.drive(Instant::now(), touched.take()).await;
+            self.send(&mut out).await;
+            let deadline = tokio::time::Instant::from_std(self.next_due.max(Instant::now()));
+            if sleep.deadline() != deadline {
+                sleep.as_mut().reset(deadline);
+            }
         }
+    }
+
+    /// One datagram from the UDP socket, and the run of the session it
+    /// reached.
+    fn udp_datagram(&mut self, data: &[u8], source: SocketAddr, out: &mut Vec<Outgoing>) {
+        let c = telemetry::counters();
+        c.packets_in.increment(1);
+        c.bytes_in.increment(data.len() as u64);
+        let touched = self.datagram(data, source, Protocol::Udp);
+        self.run_sessions(Instant::now(), touched, out);
     }
 
     fn command(&mut self, cmd: Command) {
@@ -459,18 +488,18 @@ impl Driver {
     }
 
     /// Runs the sessions that have work: the one a datagram just reached
-    /// and, once the earliest deadline has come, those whose timer is due.
-    /// A datagram costs one session's work, not a pass over all of them.
-    /// Returns the earliest deadline.
-    async fn drive(&mut self, now: Instant, touched: Option<String>) -> Instant {
+    /// (str0m wants its output drained after each input) and, once the
+    /// earliest deadline has come, those whose timer is due. A datagram
+    /// costs one session's work, not a pass over all of them. What they
+    /// send is queued in `out`.
+    fn run_sessions(&mut self, now: Instant, touched: Option<String>, out: &mut Vec<Outgoing>) {
         let mut dead = Vec::new();
-        let mut out: Vec<Outgoing> = Vec::new();
         let idle_timeout = self.idle_timeout;
         if now < self.next_due {
             if let Some(id) = touched
                 && let Some(s) = self.sessions.get_mut(&id)
             {
-                if step(s, now, false, idle_timeout, &mut out) {
+                if step(s, now, false, idle_timeout, out) {
                     self.next_due = self.next_due.min(s.next_timeout);
                 } else {
                     dead.push(id);
@@ -481,7 +510,7 @@ impl Driver {
             for (id, s) in self.sessions.iter_mut() {
                 let due = s.next_timeout <= now;
                 let run = due || touched.as_deref() == Some(id.as_str());
-                if run && !step(s, now, due, idle_timeout, &mut out) {
+                if run && !step(s, now, due, idle_timeout, out) {
                     dead.push(id.clone());
                     continue;
                 }
@@ -493,7 +522,11 @@ impl Driver {
             self.sessions.remove(&id);
             self.routes.retain(|_, v| *v != id);
         }
-        for (data, dest, proto) in out {
+    }
+
+    /// Sends what the sessions queued.
+    async fn send(&mut self, out: &mut Vec<Outgoing>) {
+        for (data, dest, proto) in out.drain(..) {
             if proto == Protocol::Tcp {
                 match self.tcp_writers.get(&dest) {
                     Some(w) => {
@@ -507,7 +540,6 @@ impl Driver {
                 tracing::debug!(%dest, error = %e, "udp send failed");
             }
         }
-        self.next_due.max(now)
     }
 
     /// A command made a session's work due now.
