@@ -13,6 +13,7 @@
 #          BENCH_HTTP_PORT, BENCH_UDP_PORT   server ports (default 18680, 18689)
 #          BENCH_KEEP=1     keep the temporary directory (logs, HLS) for a look
 #          BENCH_PRESET     the streams' preset (default passthrough; copy-all: no transcoding)
+#          BENCH_HLS_FORMAT hls.format: mpegts (default), fmp4 or llhls
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +23,7 @@ ramp="${BENCH_RAMP:-20}"
 http_port="${BENCH_HTTP_PORT:-18680}"
 udp_port="${BENCH_UDP_PORT:-18689}"
 preset="${BENCH_PRESET:-passthrough}"
+format="${BENCH_HLS_FORMAT:-mpegts}"
 base="http://127.0.0.1:$http_port"
 
 cargo build --release -q
@@ -50,10 +52,11 @@ echo "  ${duration} s per session, ramp ${ramp} sessions/s, server and load gene
 echo "  machine ($(machine)); one fresh server per N."
 case "$preset" in
   passthrough) echo "preset: passthrough (the default: H264 copied, Opus -> AAC, MPEG-TS HLS)." ;;
-  copy-all) echo "preset: copy-all (no transcoding: H264 copied, Opus dropped from the MPEG-TS HLS)." ;;
+  copy-all) echo "preset: copy-all (no transcoding: H264 copied; Opus copied into fMP4, dropped from MPEG-TS)." ;;
   *) echo "preset: $preset" ;;
 esac
-printf '[stream_defaults]\npreset = "%s"\n' "$preset" >"$dir/whipgate.toml"
+printf '[stream_defaults]\npreset = "%s"\n[hls]\nformat = "%s"\n' "$preset" "$format" >"$dir/whipgate.toml"
+echo "HLS format: $format."
 echo "CPU: server utime+stime over the steady part (all sessions up), % of one core;"
 echo "RSS: at the end of the steady part; per stream = (RSS - idle RSS) / N."
 echo

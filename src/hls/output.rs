@@ -584,10 +584,18 @@ fn ticks_to_ms(ticks: i64) -> u64 {
     u64::try_from((ticks.max(0) * 1000 + CLOCK_HZ / 2) / CLOCK_HZ).unwrap_or(0)
 }
 
-pub(super) async fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> std::io::Result<()> {
+/// Writes `name` through a temporary file and a rename, so readers of the
+/// directory never see half a file. One trip to the blocking pool for both
+/// (each is a thread hand-off).
+pub(super) async fn write_atomic(dir: &Path, name: &str, data: Bytes) -> std::io::Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
-    tokio::fs::write(&tmp, data).await?;
-    tokio::fs::rename(&tmp, dir.join(name)).await
+    let path = dir.join(name);
+    tokio::task::spawn_blocking(move || {
+        std::fs::write(&tmp, &data)?;
+        std::fs::rename(&tmp, &path)
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 fn unix_ms() -> i64 {

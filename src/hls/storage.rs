@@ -96,7 +96,7 @@ impl Storage for LocalDir {
 
     fn put<'a>(&'a self, name: &'a str, data: Bytes) -> StorageFuture<'a> {
         Box::pin(async move {
-            super::output::write_atomic(&self.dir, name, &data)
+            super::output::write_atomic(&self.dir, name, data)
                 .await
                 .map_err(io(&self.dir.join(name)))
         })
