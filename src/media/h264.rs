@@ -110,21 +110,16 @@ pub fn split_annexb(data: &[u8]) -> AnnexBIter<'_> {
     AnnexBIter { data, pos: 0 }
 }
 
-/// Position of the next `00 00 01` at or after `from`. Looks at the last
-/// byte a start code would have: above 1, or 1 without two zeros before
-/// it, no start code ends at it or at the next two bytes, so the scan
-/// skips three (most bytes of a slice are above 1).
+/// Position of the next `00 00 01` at or after `from` (memchr's SIMD
+/// substring search: every frame is scanned a few times on its way to the
+/// outputs, so this is on the per-byte path).
 fn find_start_code(data: &[u8], from: usize) -> Option<usize> {
-    let mut i = from.checked_add(2)?;
-    while let Some(&b) = data.get(i) {
-        match b {
-            0 => i += 1,
-            1 if data[i - 1] == 0 && data[i - 2] == 0 => return Some(i - 2),
-            _ => i += 3,
-        }
-    }
-    None
+    let rest = data.get(from..)?;
+    START_CODE.find(rest).map(|i| i + from)
 }
+
+static START_CODE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(&[0, 0, 1]));
 
 impl<'a> Iterator for AnnexBIter<'a> {
     type Item = &'a [u8];

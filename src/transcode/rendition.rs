@@ -29,6 +29,8 @@ pub async fn run_aac(hub: Arc<Hub>, settings: AacSettings, mut shutdown: watch::
     let mut sub = hub.subscribe("aac-transcoder", &[Codec::Opus], 256);
     let mut current: Option<(Publication, OpusToAac)> = None;
     let mut errors = RateLimited::default();
+    // How far behind it runs: the audio still queued ahead of it.
+    let lag = crate::telemetry::transcode_lag(hub.name(), "aac");
     loop {
         let hf = tokio::select! {
             f = sub.frames.recv() => match f {
@@ -59,6 +61,7 @@ pub async fn run_aac(hub: Arc<Hub>, settings: AacSettings, mut shutdown: watch::
         let Some((publication, transcoder)) = current.as_mut() else {
             continue;
         };
+        lag.set(sub.frames.len() as f64 * OPUS_PACKET_SECONDS);
         match transcoder.push(&hf.frame) {
             Ok(out) => out.into_iter().for_each(|f| hub.publish(*publication, f)),
             Err(error) => errors.warn(&span, &error),
@@ -66,6 +69,9 @@ pub async fn run_aac(hub: Arc<Hub>, settings: AacSettings, mut shutdown: watch::
     }
     finish_aac(&hub, current.take(), &span);
 }
+
+/// What a WebRTC Opus packet usually lasts.
+const OPUS_PACKET_SECONDS: f64 = 0.02;
 
 /// Flushes a publication's AAC transcoder into the hub.
 fn finish_aac(hub: &Hub, current: Option<(Publication, OpusToAac)>, span: &tracing::Span) {
