@@ -65,17 +65,18 @@ const OPUS_RATE: u32 = 48_000;
 /// Which AAC-LC encoder, and for FFmpeg's, which search strategy (its
 /// `aac_coder` option).
 ///
-/// Measured on this project's 2-core EPYC machine, one thread, 48 kHz
-/// stereo at 128 kb/s, 60 s of each signal, in % of one core (method and
-/// quality figures: `examples/aac_quality.rs` and the README):
+/// Measured with `examples/aac_quality.rs` on this project's 2-core EPYC
+/// machine (the whole transcode minus Opus decoding, 48 kHz stereo at
+/// 128 kb/s), in % of one core:
 ///
-/// | encoder | sine test tone | music |
+/// | encoder | the sample's test tone | music |
 /// |---|---|---|
-/// | `Syom` | 0.19 | 0.66 |
-/// | `Fast` | 1.50 | 0.97 |
-/// | `TwoLoop` | 2.08 | 1.98 |
+/// | `Syom` | 0.17 | 0.60 |
+/// | `Fast` | 1.33 | 0.77 |
+/// | `TwoLoop` | 2.08 | 1.92 |
 ///
-/// with the same or better measured quality for syom.
+/// On music syom's noise-to-mask ratio equals `Fast`'s; on pure tones
+/// FFmpeg's coders leave less noise (README, "Audio encoder").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AacCoder {
     /// syom's AAC-LC encoder (pure Rust): psychoacoustic model, block

@@ -11,10 +11,9 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use super::TranscodeError;
 use super::audio::{AacSettings, OpusToAac};
 use super::video::{ToH264, VideoSettings};
-use super::worker::{Core, PushError, Worker};
+use super::worker::{Core, PushError, WarnLimit, Worker};
 use crate::hub::{Hub, HubFrame, Publication};
 use crate::media::frame::Codec;
 
@@ -28,7 +27,7 @@ pub async fn run_aac(hub: Arc<Hub>, settings: AacSettings, mut shutdown: watch::
     let span = tracing::info_span!("transcoder", stream = %hub.name(), kind = "aac");
     let mut sub = hub.subscribe("aac-transcoder", &[Codec::Opus], 256);
     let mut current: Option<(Publication, OpusToAac)> = None;
-    let mut errors = RateLimited::default();
+    let mut warnings = WarnLimit::default();
     // How far behind it runs: the audio still queued ahead of it.
     let lag = crate::telemetry::transcode_lag(hub.name(), "aac");
     loop {
@@ -64,7 +63,11 @@ pub async fn run_aac(hub: Arc<Hub>, settings: AacSettings, mut shutdown: watch::
         lag.set(sub.frames.len() as f64 * OPUS_PACKET_SECONDS);
         match transcoder.push(&hf.frame) {
             Ok(out) => out.into_iter().for_each(|f| hub.publish(*publication, f)),
-            Err(error) => errors.warn(&span, &error),
+            Err(error) => {
+                if let Some(suppressed) = warnings.due() {
+                    tracing::warn!(parent: &span, %error, suppressed, "transcode error");
+                }
+            }
         }
     }
     finish_aac(&hub, current.take(), &span);
@@ -83,28 +86,6 @@ fn finish_aac(hub: &Hub, current: Option<(Publication, OpusToAac)>, span: &traci
         Err(error) => tracing::warn!(parent: span, %error, "transcode flush failed"),
     }
     tracing::debug!(parent: span, stats = ?transcoder.stats(), "transcoder stopped");
-}
-
-/// A warning at most every 5 s, with how many were suppressed since.
-#[derive(Default)]
-struct RateLimited {
-    last: Option<std::time::Instant>,
-    suppressed: u64,
-}
-
-impl RateLimited {
-    fn warn(&mut self, span: &tracing::Span, error: &TranscodeError) {
-        if self
-            .last
-            .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(5))
-        {
-            tracing::warn!(parent: span, %error, suppressed = self.suppressed, "transcode error");
-            self.last = Some(std::time::Instant::now());
-            self.suppressed = 0;
-        } else {
-            self.suppressed += 1;
-        }
-    }
 }
 
 /// Video codecs the outputs cannot carry: published in one of them, the

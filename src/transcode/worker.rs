@@ -103,26 +103,42 @@ impl<C: Core> Drop for Worker<C> {
 /// Warnings at most once per this interval per transcoder.
 const WARN_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Rate limit for a transcoder's error warnings: one per [`WARN_INTERVAL`],
+/// with how many were suppressed since the last.
+#[derive(Default)]
+pub(crate) struct WarnLimit {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl WarnLimit {
+    /// `Some(suppressed since the last warning)` when a warning is due now.
+    pub(crate) fn due(&mut self) -> Option<u64> {
+        if self.last.is_none_or(|t| t.elapsed() >= WARN_INTERVAL) {
+            self.last = Some(Instant::now());
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+}
+
 fn run<C: Core, F: FnMut(C::Out)>(
     mut core: C,
     rx: Receiver<Queued>,
     mut on_frame: F,
     stream: &str,
 ) -> C::Stats {
-    let mut last_warn: Option<Instant> = None;
-    let mut suppressed = 0u64;
+    let mut warnings = WarnLimit::default();
     let lag = crate::telemetry::transcode_lag(stream, C::NAME);
     for (frame, queued) in rx {
         lag.set(queued.elapsed().as_secs_f64());
         match core.push(&frame) {
             Ok(out) => out.into_iter().for_each(&mut on_frame),
             Err(error) => {
-                if last_warn.is_none_or(|t| t.elapsed() >= WARN_INTERVAL) {
+                if let Some(suppressed) = warnings.due() {
                     tracing::warn!(stream, transcoder = C::NAME, %error, suppressed, "transcode error");
-                    last_warn = Some(Instant::now());
-                    suppressed = 0;
-                } else {
-                    suppressed += 1;
                 }
             }
         }
