@@ -643,8 +643,10 @@ impl AacEncoder {
                         };
                     }
                 }
-                let refs: Vec<&[f32]> = scratch.iter().map(|c| &c[..n]).collect();
-                let fed = encoder.feed(&refs, |f| {
+                // One or two channels (checked in `OpusToAac::new`): no
+                // allocation per frame.
+                let refs = [&scratch[0][..n], &scratch[scratch.len() - 1][..n]];
+                let fed = encoder.feed(&refs[..scratch.len()], |f| {
                     ready.push_back(Bytes::copy_from_slice(f.payload));
                     Ok(())
                 });
