@@ -3,7 +3,15 @@
 //! every reader owns a bounded queue, and a reader that falls behind loses
 //! frames (counted and logged) and, for video, skips to the next keyframe so
 //! what it does get stays decodable.
+//!
+//! An output whose work per frame is short and never waits (the HLS muxer,
+//! the stream's measurements) can instead be a [`Sink`], run inside
+//! `publish` in the publisher's task: no queue, and no task to wake for every
+//! frame, which at a hundred streams was a third of the kernel's time. A sink
+//! that panics is detached and logged; the publisher and the other readers go
+//! on.
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -69,6 +77,66 @@ struct Reader {
     dropped_gop: Counter,
 }
 
+/// An output run inside [`Hub::publish`] (see the module's doc). Its
+/// methods must return quickly and never wait: anything slow (files,
+/// network) goes to a queue of its own.
+pub trait Sink: Send {
+    /// A frame of a codec it was attached for.
+    fn frame(&mut self, frame: HubFrame);
+    /// The publisher `publication` left; its last frames came before.
+    fn stopped(&mut self, _publication: Publication) {}
+    /// It is detached: ends what it was making.
+    fn finish(&mut self) {}
+}
+
+struct SinkEntry {
+    id: u64,
+    name: &'static str,
+    codecs: Vec<Codec>,
+    waiting_for_key: bool,
+    sink: Box<dyn Sink>,
+    delivered: Counter,
+}
+
+/// Keeps a sink attached; [`Attached::detach`] (or dropping it) takes it off.
+pub struct Attached {
+    hub: Arc<Hub>,
+    id: u64,
+}
+
+impl Attached {
+    /// Takes the sink off the hub, lets it finish, and drops it.
+    pub fn detach(self) {
+        let mut sinks = self.hub.lock_sinks();
+        let Some(at) = sinks.iter().position(|s| s.id == self.id) else {
+            return; // It panicked and was detached already.
+        };
+        let mut entry = sinks.remove(at);
+        drop(sinks);
+        if catch_unwind(AssertUnwindSafe(|| entry.sink.finish())).is_err() {
+            tracing::error!(stream = %self.hub.name, output = entry.name, "output failed (panic) while finishing");
+        }
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        self.hub.lock_sinks().retain(|s| s.id != self.id);
+    }
+}
+
+/// Whether a reader that waits for a keyframe (`waiting`) takes `frame`:
+/// video readers start, and after a loss resume, at a keyframe.
+fn passes_key_gate(waiting: &mut bool, video: bool, key: bool) -> bool {
+    if video && *waiting {
+        if !key {
+            return false;
+        }
+        *waiting = false;
+    }
+    true
+}
+
 struct Publisher {
     publication: Publication,
     keyframe: KeyframeRequester,
@@ -78,6 +146,7 @@ struct Publisher {
 pub struct Hub {
     name: String,
     readers: Mutex<Vec<Reader>>,
+    sinks: Mutex<Vec<SinkEntry>>,
     publisher: Mutex<Option<Publisher>>,
     state: watch::Sender<Option<Publication>>,
     next_reader: AtomicU64,
@@ -130,6 +199,7 @@ impl Hub {
         Arc::new(Self {
             name: name.to_owned(),
             readers: Mutex::new(Vec::new()),
+            sinks: Mutex::new(Vec::new()),
             publisher: Mutex::new(None),
             state: watch::channel(None).0,
             next_reader: AtomicU64::new(1),
@@ -190,6 +260,34 @@ impl Hub {
         }
     }
 
+    /// Runs `sink` for every frame of `codecs` from now on (video from the
+    /// next keyframe), in the publisher's task.
+    pub fn attach(
+        self: &Arc<Self>,
+        name: &'static str,
+        codecs: &[Codec],
+        sink: Box<dyn Sink>,
+    ) -> Attached {
+        let id = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        self.lock_sinks().push(SinkEntry {
+            id,
+            name,
+            codecs: codecs.to_vec(),
+            waiting_for_key: true,
+            sink,
+            delivered: telemetry::frames_delivered(&self.name, name),
+        });
+        Attached {
+            hub: self.clone(),
+            id,
+        }
+    }
+
+    /// A receiver of the current publication (`None` when nobody publishes).
+    pub fn watch(&self) -> watch::Receiver<Option<Publication>> {
+        self.state.subscribe()
+    }
+
     /// A publisher starts. Replaces any previous one.
     pub fn start(&self, publication: Publication, keyframe: KeyframeRequester) {
         *self.lock_publisher() = Some(Publisher {
@@ -203,12 +301,19 @@ impl Hub {
 
     /// The publisher `id` left (ignored when another one has taken over).
     pub fn stop(&self, id: u64) {
-        let mut publisher = self.lock_publisher();
-        if publisher.as_ref().is_some_and(|p| p.publication.id == id) {
+        let publication = {
+            let mut publisher = self.lock_publisher();
+            let publication = match publisher.as_ref() {
+                Some(p) if p.publication.id == id => p.publication,
+                _ => return,
+            };
             *publisher = None;
             self.state.send_replace(None);
-            tracing::info!(stream = %self.name, publication = id, "publisher stopped");
-        }
+            publication
+        };
+        tracing::info!(stream = %self.name, publication = id, "publisher stopped");
+        // Not under the publisher's lock: a sink may ask for a keyframe.
+        self.run_sinks(|sink| sink.stopped(publication));
     }
 
     pub fn publication(&self) -> Option<Publication> {
@@ -239,19 +344,16 @@ impl Hub {
             if !r.codecs.contains(&codec) {
                 return true;
             }
-            if video && r.waiting_for_key {
-                if !frame.key {
-                    want_keyframe = true;
-                    if r.dropped > 0 {
-                        // Part of a GOP it already lost the start of.
-                        r.dropped += 1;
-                        r.dropped_total.fetch_add(1, Ordering::Relaxed);
-                        self.dropped_total.fetch_add(1, Ordering::Relaxed);
-                        r.dropped_gop.increment(1);
-                    }
-                    return true;
+            if !passes_key_gate(&mut r.waiting_for_key, video, frame.key) {
+                want_keyframe = true;
+                if r.dropped > 0 {
+                    // Part of a GOP it already lost the start of.
+                    r.dropped += 1;
+                    r.dropped_total.fetch_add(1, Ordering::Relaxed);
+                    self.dropped_total.fetch_add(1, Ordering::Relaxed);
+                    r.dropped_gop.increment(1);
                 }
-                r.waiting_for_key = false;
+                return true;
             }
             let item = HubFrame {
                 publication,
@@ -281,9 +383,42 @@ impl Hub {
             }
         });
         drop(readers);
+        let mut sinks = self.lock_sinks();
+        self.run_locked(&mut sinks, |s| {
+            if !s.codecs.contains(&codec) {
+                return;
+            }
+            if !passes_key_gate(&mut s.waiting_for_key, video, frame.key) {
+                want_keyframe = true;
+                return;
+            }
+            s.delivered.increment(1);
+            s.sink.frame(HubFrame {
+                publication,
+                frame: frame.clone(),
+            });
+        });
+        drop(sinks);
         if want_keyframe {
             self.request_keyframe();
         }
+    }
+
+    /// Runs `f` on every sink.
+    fn run_sinks(&self, mut f: impl FnMut(&mut dyn Sink)) {
+        let mut sinks = self.lock_sinks();
+        self.run_locked(&mut sinks, |s| f(s.sink.as_mut()));
+    }
+
+    /// Runs `f` on each of `sinks`, detaching those that panic.
+    fn run_locked(&self, sinks: &mut Vec<SinkEntry>, mut f: impl FnMut(&mut SinkEntry)) {
+        sinks.retain_mut(|s| {
+            if catch_unwind(AssertUnwindSafe(|| f(s))).is_ok() {
+                return true;
+            }
+            tracing::error!(stream = %self.name, output = s.name, "output failed (panic); it is detached, the stream goes on without it");
+            false
+        });
     }
 
     /// Asks the publisher for a keyframe, at most every 500 ms.
@@ -313,6 +448,10 @@ impl Hub {
 
     fn lock_readers(&self) -> std::sync::MutexGuard<'_, Vec<Reader>> {
         self.readers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_sinks(&self) -> std::sync::MutexGuard<'_, Vec<SinkEntry>> {
+        self.sinks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_publisher(&self) -> std::sync::MutexGuard<'_, Option<Publisher>> {
@@ -395,5 +534,66 @@ mod tests {
         assert_eq!(*sub.state.borrow(), None);
         drop(sub);
         assert!(hub.lock_readers().is_empty());
+    }
+
+    /// Records what a sink is told, into a shared log.
+    struct Recorder(Arc<Mutex<Vec<String>>>);
+
+    impl Sink for Recorder {
+        fn frame(&mut self, f: HubFrame) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("frame {}", f.frame.pts));
+        }
+        fn stopped(&mut self, p: Publication) {
+            self.0.lock().unwrap().push(format!("stopped {}", p.id));
+        }
+        fn finish(&mut self) {
+            self.0.lock().unwrap().push("finish".into());
+        }
+    }
+
+    struct Panicky;
+
+    impl Sink for Panicky {
+        fn frame(&mut self, f: HubFrame) {
+            assert!(f.frame.pts < 3000, "a bug in an output");
+        }
+    }
+
+    #[test]
+    fn sinks_run_inline_from_the_first_keyframe_and_a_panic_detaches_only_that_one() {
+        let hub = Hub::new("t");
+        hub.start(P, Box::new(|| {}));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let attached = hub.attach("rec", &[Codec::H264], Box::new(Recorder(log.clone())));
+        let _panicky = hub.attach("bad", &[Codec::H264], Box::new(Panicky));
+        let mut reader = hub.subscribe("q", &[Codec::H264], 16);
+        hub.publish(P, video(0, false));
+        hub.publish(P, video(3000, true));
+        hub.publish(P, video(6000, false));
+        // The panicking sink is gone; the publisher, the other sink and the
+        // queued reader went on.
+        assert_eq!(hub.lock_sinks().len(), 1);
+        hub.publish(P, video(9000, false));
+        hub.stop(1);
+        attached.detach();
+        hub.publish(P, video(12000, true));
+        assert_eq!(
+            *log.lock().unwrap(),
+            [
+                "frame 3000",
+                "frame 6000",
+                "frame 9000",
+                "stopped 1",
+                "finish"
+            ]
+        );
+        let got: Vec<_> = std::iter::from_fn(|| reader.frames.try_recv().ok())
+            .map(|f| f.frame.pts)
+            .collect();
+        assert_eq!(got, vec![3000, 6000, 9000, 12000]);
+        assert!(hub.lock_sinks().is_empty());
     }
 }

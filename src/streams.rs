@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, HlsConfig, StreamConfig};
 use crate::error::AppError;
-use crate::hub::Hub;
+use crate::hub::{Hub, HubFrame, Publication, Sink};
 use crate::media::frame::{CLOCK_HZ, Codec, CodecParams, TrackKind};
 use crate::preset::{AudioMode, Gop, Preset, VideoMode};
 use crate::rtmp::push::{self, PushHandle, PushOptions};
@@ -550,77 +550,102 @@ fn stop_signal(mut shutdown: watch::Receiver<bool>, retire: Arc<Notify>) -> watc
 /// How long the figures of [`LiveMedia`] are measured over.
 const MEASURE_WINDOW: Duration = Duration::from_secs(2);
 
-/// A hub reader that measures what the publisher sends (codecs, size,
-/// frame rate, bitrates) into `media`.
+/// A hub sink that measures what the publisher sends (codecs, size, frame
+/// rate, bitrates) into `media`, until the stream closes.
 async fn measure(hub: Arc<Hub>, media: Arc<Mutex<LiveMedia>>, mut stop: watch::Receiver<bool>) {
     static CODECS: &[Codec] = &[Codec::H264, Codec::Vp8, Codec::Vp9, Codec::Av1, Codec::Opus];
-    let mut sub = hub.subscribe("stats", CODECS, 256);
-    let mut window = Instant::now();
-    let (mut video_bytes, mut video_frames, mut audio_bytes) = (0u64, 0u64, 0u64);
-    loop {
-        tokio::select! {
-            frame = sub.frames.recv() => {
-                let Some(f) = frame else { break };
-                let mut m = lock(&media);
-                if m.publication != Some(f.publication.id) {
-                    *m = LiveMedia { publication: Some(f.publication.id), ..Default::default() };
-                    window = Instant::now();
-                    (video_bytes, video_frames, audio_bytes) = (0, 0, 0);
-                }
-                // A VP8, VP9 or AV1 publisher's video comes back as H264
-                // from the transcoder: what is measured is what was published.
-                let transcoded = m.video.as_ref().is_some_and(|v| v.codec != "h264");
-                if transcoded && f.frame.codec() == Codec::H264 {
-                    continue;
-                }
-                let codec = telemetry::codec_name(f.frame.codec());
-                let size = f.frame.data.len() as u64;
-                match f.frame.codec().kind() {
-                    TrackKind::Video => {
-                        video_bytes += size;
-                        video_frames += 1;
-                        let v = m.video.get_or_insert_with(VideoStats::default);
-                        v.codec = codec;
-                        if let Some(size) = f.frame.params.picture_size() {
-                            (v.width, v.height) = size;
-                        }
-                        v.keyframes += u64::from(f.frame.key);
-                    }
-                    TrackKind::Audio => {
-                        audio_bytes += size;
-                        let a = m.audio.get_or_insert_with(AudioStats::default);
-                        a.codec = codec;
-                        if let CodecParams::Opus { sample_rate, channels }
-                        | CodecParams::Aac { sample_rate, channels, .. } = *f.frame.params
-                        {
-                            (a.sample_rate, a.channels) = (sample_rate, channels);
-                        }
-                    }
-                }
-                let elapsed = window.elapsed();
-                if elapsed >= MEASURE_WINDOW {
-                    let secs = elapsed.as_secs_f64();
-                    if let Some(v) = m.video.as_mut() {
-                        v.frame_rate = (video_frames as f64 / secs * 10.0).round() / 10.0;
-                        v.bitrate = (video_bytes as f64 * 8.0 / secs) as u64;
-                    }
-                    if let Some(a) = m.audio.as_mut() {
-                        a.bitrate = (audio_bytes as f64 * 8.0 / secs) as u64;
-                    }
-                    window = Instant::now();
-                    (video_bytes, video_frames, audio_bytes) = (0, 0, 0);
-                }
-            }
-            changed = sub.state.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                if sub.state.borrow_and_update().is_none() {
-                    *lock(&media) = LiveMedia::default();
-                }
-            }
-            _ = stop.changed() => break,
+    let meter = Meter {
+        media,
+        window: Instant::now(),
+        video_bytes: 0,
+        video_frames: 0,
+        audio_bytes: 0,
+    };
+    let attached = hub.attach("stats", CODECS, Box::new(meter));
+    let _ = stop.changed().await;
+    attached.detach();
+}
+
+/// What [`measure`] counts over the current window.
+struct Meter {
+    media: Arc<Mutex<LiveMedia>>,
+    window: Instant,
+    video_bytes: u64,
+    video_frames: u64,
+    audio_bytes: u64,
+}
+
+impl Meter {
+    fn restart_window(&mut self) {
+        self.window = Instant::now();
+        (self.video_bytes, self.video_frames, self.audio_bytes) = (0, 0, 0);
+    }
+}
+
+impl Sink for Meter {
+    fn frame(&mut self, f: HubFrame) {
+        let media = self.media.clone();
+        let mut m = lock(&media);
+        if m.publication != Some(f.publication.id) {
+            *m = LiveMedia {
+                publication: Some(f.publication.id),
+                ..Default::default()
+            };
+            self.restart_window();
         }
+        // A VP8, VP9 or AV1 publisher's video comes back as H264 from the
+        // transcoder: what is measured is what was published.
+        let transcoded = m.video.as_ref().is_some_and(|v| v.codec != "h264");
+        if transcoded && f.frame.codec() == Codec::H264 {
+            return;
+        }
+        let codec = telemetry::codec_name(f.frame.codec());
+        let size = f.frame.data.len() as u64;
+        match f.frame.codec().kind() {
+            TrackKind::Video => {
+                self.video_bytes += size;
+                self.video_frames += 1;
+                let v = m.video.get_or_insert_with(VideoStats::default);
+                v.codec = codec;
+                if let Some(size) = f.frame.params.picture_size() {
+                    (v.width, v.height) = size;
+                }
+                v.keyframes += u64::from(f.frame.key);
+            }
+            TrackKind::Audio => {
+                self.audio_bytes += size;
+                let a = m.audio.get_or_insert_with(AudioStats::default);
+                a.codec = codec;
+                if let CodecParams::Opus {
+                    sample_rate,
+                    channels,
+                }
+                | CodecParams::Aac {
+                    sample_rate,
+                    channels,
+                    ..
+                } = *f.frame.params
+                {
+                    (a.sample_rate, a.channels) = (sample_rate, channels);
+                }
+            }
+        }
+        let elapsed = self.window.elapsed();
+        if elapsed >= MEASURE_WINDOW {
+            let secs = elapsed.as_secs_f64();
+            if let Some(v) = m.video.as_mut() {
+                v.frame_rate = (self.video_frames as f64 / secs * 10.0).round() / 10.0;
+                v.bitrate = (self.video_bytes as f64 * 8.0 / secs) as u64;
+            }
+            if let Some(a) = m.audio.as_mut() {
+                a.bitrate = (self.audio_bytes as f64 * 8.0 / secs) as u64;
+            }
+            self.restart_window();
+        }
+    }
+
+    fn stopped(&mut self, _publication: Publication) {
+        *lock(&self.media) = LiveMedia::default();
     }
 }
 

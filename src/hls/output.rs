@@ -1,4 +1,4 @@
-//! The HLS output of one stream: a hub reader that feeds the segmenter
+//! The HLS output of one stream: a hub [`Sink`] that feeds the segmenter
 //! (MPEG-TS, or fMP4 with LL-HLS parts) and keeps the stream's in-memory
 //! [`Store`] (playlist, recent segments, init segments, parts) up to date for
 //! the HTTP side, and stores segments, init segments and the playlist through
@@ -30,12 +30,10 @@ use super::segmenter::{Segment, Segmenter, SegmenterConfig};
 use super::storage::{self, Uploader};
 use super::store::{self, Changes, Edge, Store};
 use crate::config::{HlsConfig, HlsFormat};
-use crate::hub::{Hub, HubFrame, Publication};
+use crate::hub::{Hub, HubFrame, Publication, Sink};
 use crate::media::frame::{CLOCK_HZ, Codec};
 use crate::telemetry;
 
-/// Frames queued for the HLS writer before it drops (about 10 s of media).
-const QUEUE: usize = 1024;
 /// File operations queued for the writer task; more are dropped.
 const DISK_QUEUE: usize = 256;
 /// Parts stay in memory this many target durations after they were made:
@@ -130,6 +128,7 @@ struct Disk {
 
 struct Output {
     hub: Arc<Hub>,
+    span: tracing::Span,
     config: HlsConfig,
     tracks: Tracks,
     playlist: Playlist,
@@ -175,7 +174,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let span = tracing::info_span!("hls", stream = %hub.name(), format = ?config.format);
-    let mut sub = hub.subscribe("hls", tracks.codecs(config.format.is_fmp4()), QUEUE);
+    let fmp4 = config.format.is_fmp4();
     let uploader = match storage::open(&dir) {
         Ok(uploader) => uploader,
         Err(e) => {
@@ -203,8 +202,9 @@ pub async fn run(
             part_target: config.part_target(),
         },
     };
-    let mut out = Output {
+    let out = Output {
         hub: hub.clone(),
+        span: span.clone(),
         playlist: Playlist::with_format(playlist_config, format),
         store: store.clone(),
         disk,
@@ -224,37 +224,29 @@ pub async fn run(
         parts: VecDeque::new(),
         meter: report.map(|r| (VariantMeter::default(), r)),
     };
-    loop {
-        tokio::select! {
-            biased;
-            frame = sub.frames.recv() => match frame {
-                Some(f) => out.frame(f, &span).await,
-                None => break,
-            },
-            changed = sub.state.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                let live = *sub.state.borrow_and_update();
-                if live.is_none() {
-                    // Frames the publisher sent before leaving come first.
-                    while let Ok(f) = sub.frames.try_recv() {
-                        out.frame(f, &span).await;
-                    }
-                    out.end(&span).await;
-                }
-            }
-            _ = shutdown.changed() => break,
-        }
-    }
-    while let Ok(f) = sub.frames.try_recv() {
-        out.frame(f, &span).await;
-    }
-    out.end(&span).await;
-    // Every file is written before the output is done.
-    drop(out);
+    // Frames are muxed in the publisher's task (see `Sink`); this task
+    // only waits for the stream to close.
+    let attached = hub.attach("hls", tracks.codecs(fmp4), Box::new(out));
+    let _ = shutdown.changed().await;
+    // The last segment and the playlist's end are queued for the writer,
+    // which finishes once the output is dropped.
+    attached.detach();
     let _ = writer.await;
     store::unregister(&dir, &store);
+}
+
+impl Sink for Output {
+    fn frame(&mut self, frame: HubFrame) {
+        Output::frame(self, frame);
+    }
+
+    fn stopped(&mut self, _publication: Publication) {
+        self.end();
+    }
+
+    fn finish(&mut self) {
+        self.end();
+    }
 }
 
 impl Output {
@@ -266,7 +258,7 @@ impl Output {
         self.config.format.is_low_latency()
     }
 
-    async fn frame(&mut self, hf: HubFrame, span: &tracing::Span) {
+    fn frame(&mut self, hf: HubFrame) {
         let HubFrame {
             publication,
             mut frame,
@@ -275,7 +267,7 @@ impl Output {
             return;
         }
         if self.current.as_ref().map(|(p, _)| p.id) != Some(publication.id) {
-            self.end(span).await;
+            self.end();
             let video = publication.video && self.tracks.video;
             let audio = publication.audio && self.tracks.audio_codec(self.fmp4()).is_some();
             let muxer = if self.fmp4() {
@@ -319,13 +311,13 @@ impl Output {
         }
         match muxer {
             Muxer::Ts(segmenter) => match segmenter.push(kind, &frame, unix_ms()) {
-                Ok(Some(segment)) => self.ts_segment(segment, span).await,
+                Ok(Some(segment)) => self.ts_segment(segment),
                 Ok(None) => {}
-                Err(e) => tracing::debug!(parent: span, error = %e, "frame not muxed"),
+                Err(e) => tracing::debug!(parent: &self.span, error = %e, "frame not muxed"),
             },
             Muxer::Cmaf(segmenter) => match segmenter.push(kind, &frame, unix_ms()) {
-                Ok(events) => self.cmaf_events(events, span).await,
-                Err(e) => tracing::debug!(parent: span, error = %e, "frame not muxed"),
+                Ok(events) => self.cmaf_events(events),
+                Err(e) => tracing::debug!(parent: &self.span, error = %e, "frame not muxed"),
             },
         }
         if self
@@ -338,7 +330,7 @@ impl Output {
     }
 
     /// The publication ended: flush the last segment and end the playlist.
-    async fn end(&mut self, span: &tracing::Span) {
+    fn end(&mut self) {
         let Some((publication, muxer)) = self.current.take() else {
             return;
         };
@@ -346,17 +338,17 @@ impl Output {
         match muxer {
             Muxer::Ts(mut segmenter) => {
                 if let Some(segment) = segmenter.finish() {
-                    self.ts_segment(segment, span).await;
+                    self.ts_segment(segment);
                 }
             }
             Muxer::Cmaf(mut segmenter) => {
                 let events = segmenter.finish();
-                self.cmaf_events(events, span).await;
+                self.cmaf_events(events);
             }
         }
         self.playlist.end();
-        self.publish(Changes::default(), true).await;
-        tracing::info!(parent: span, "playlist ended");
+        self.publish(Changes::default(), true);
+        tracing::info!(parent: &self.span, "playlist ended");
     }
 
     /// A new segment's head: a returning publisher's first segment follows
@@ -372,17 +364,17 @@ impl Output {
         }
     }
 
-    async fn ts_segment(&mut self, segment: Segment, span: &tracing::Span) {
+    fn ts_segment(&mut self, segment: Segment) {
         let head = self.head(
             segment.sequence,
             segment.discontinuity,
             segment.program_date_time_ms,
         );
         let data = Bytes::from(segment.data);
-        self.segment(head, segment.duration, data, span).await;
+        self.segment(head, segment.duration, data);
     }
 
-    async fn cmaf_events(&mut self, events: Vec<cmaf::Event>, span: &tracing::Span) {
+    fn cmaf_events(&mut self, events: Vec<cmaf::Event>) {
         for event in events {
             match event {
                 cmaf::Event::Init(data) => {
@@ -394,8 +386,8 @@ impl Output {
                     let mut changes = Changes::default();
                     changes.insert.push((name.clone(), data.clone()));
                     self.store.apply(changes);
-                    self.write(name, data).await;
-                    tracing::debug!(parent: span, init = number, "init segment");
+                    self.write(name, data);
+                    tracing::debug!(parent: &self.span, init = number, "init segment");
                 }
                 cmaf::Event::Part(part) if self.low_latency() => {
                     let head =
@@ -419,7 +411,7 @@ impl Output {
                         self.parts.pop_front();
                         changes.remove.push(Playlist::part_uri(old));
                     }
-                    self.publish(changes, false).await;
+                    self.publish(changes, false);
                 }
                 cmaf::Event::Part(_) => {}
                 cmaf::Event::Segment(segment) => {
@@ -428,8 +420,7 @@ impl Output {
                         segment.discontinuity,
                         segment.program_date_time_ms,
                     );
-                    self.segment(head, segment.duration, segment.data, span)
-                        .await;
+                    self.segment(head, segment.duration, segment.data);
                 }
             }
         }
@@ -437,13 +428,7 @@ impl Output {
 
     /// Lists a complete segment: in memory at once, then on disk (the
     /// segment, then the playlist naming it), dropping what slid out.
-    async fn segment(
-        &mut self,
-        head: SegmentHead,
-        duration: f64,
-        data: Bytes,
-        span: &tracing::Span,
-    ) {
+    fn segment(&mut self, head: SegmentHead, duration: f64, data: Bytes) {
         let name = self.playlist.uri(head.sequence);
         let bytes = data.len();
         let _removed = self.playlist.push_segment(head, duration);
@@ -478,16 +463,16 @@ impl Output {
             removed.push(Playlist::init_uri(old));
         }
         changes.remove.extend(removed.iter().cloned());
-        self.write(name, data).await;
-        self.publish(changes, true).await;
+        self.write(name, data);
+        self.publish(changes, true);
         for old in removed {
-            self.send(DiskOp::Remove(old)).await;
+            self.send(DiskOp::Remove(old));
         }
         if head.sequence == self.sequence_base {
             let ms = self.first_frame_at.elapsed().as_secs_f64() * 1000.0;
-            tracing::info!(parent: span, sequence = head.sequence, duration, since_first_frame_ms = ms, "first segment listed");
+            tracing::info!(parent: &self.span, sequence = head.sequence, duration, since_first_frame_ms = ms, "first segment listed");
         }
-        tracing::debug!(parent: span, sequence = head.sequence, duration, bytes, "segment written");
+        tracing::debug!(parent: &self.span, sequence = head.sequence, duration, bytes, "segment written");
     }
 
     /// The playlist's target duration, as a duration.
@@ -497,7 +482,7 @@ impl Output {
 
     /// Renders the playlist into the store with `changes` and wakes
     /// waiting requests; with `to_disk`, writes the file playlist too.
-    async fn publish(&mut self, mut changes: Changes, to_disk: bool) {
+    fn publish(&mut self, mut changes: Changes, to_disk: bool) {
         if self.low_latency()
             && let Some((_, report)) = self.meter.as_ref()
         {
@@ -525,17 +510,17 @@ impl Output {
             } else {
                 full
             };
-            self.write("index.m3u8".to_owned(), plain).await;
+            self.write("index.m3u8".to_owned(), plain);
         }
     }
 
-    async fn write(&self, name: String, data: Bytes) {
-        self.send(DiskOp::Write(name, data)).await;
+    fn write(&self, name: String, data: Bytes) {
+        self.send(DiskOp::Write(name, data));
     }
 
     /// Queues `op` for the writer without waiting: when storage is so far
     /// behind that the queue is full, the operation is dropped and counted.
-    async fn send(&self, op: DiskOp) {
+    fn send(&self, op: DiskOp) {
         // The writer only stops once this output is gone.
         match self.disk.tx.try_send(op) {
             Err(mpsc::error::TrySendError::Full(op)) => {
