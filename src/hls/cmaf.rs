@@ -580,16 +580,23 @@ impl CmafSegmenter {
             self.next_sequence = open.sequence;
             return;
         }
-        let len = open.parts.iter().map(Bytes::len).sum();
-        let mut data = BytesMut::with_capacity(len);
-        for part in &open.parts {
-            data.extend_from_slice(part);
-        }
+        let data = match open.parts.as_slice() {
+            // A segment of one fragment (no LL-HLS parts) is that fragment:
+            // no copy of a few hundred kilobytes.
+            [only] => only.clone(),
+            parts => {
+                let mut data = BytesMut::with_capacity(parts.iter().map(Bytes::len).sum());
+                for part in parts {
+                    data.extend_from_slice(part);
+                }
+                data.freeze()
+            }
+        };
         let ticks = end.saturating_sub(open.start).max(0);
         events.push(Event::Segment(Segment {
             sequence: open.sequence,
             duration: ticks as f64 / CLOCK_HZ as f64,
-            data: data.freeze(),
+            data,
             discontinuity: open.discontinuity,
             program_date_time_ms: open.program_date_time_ms,
             starts_with_keyframe: open.starts_with_keyframe,

@@ -15,7 +15,7 @@
 //! is complete, after the segment itself.
 
 use std::collections::VecDeque;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -562,25 +562,12 @@ async fn write_files(storage: Uploader, mut ops: mpsc::Receiver<DiskOp>, span: t
             }
         }
     }
+    storage.finish(&span).await;
 }
 
 /// 90 kHz ticks in milliseconds, rounded.
 fn ticks_to_ms(ticks: i64) -> u64 {
     u64::try_from((ticks.max(0) * 1000 + CLOCK_HZ / 2) / CLOCK_HZ).unwrap_or(0)
-}
-
-/// Writes `name` through a temporary file and a rename, so readers of the
-/// directory never see half a file. One trip to the blocking pool for both
-/// (each is a thread hand-off).
-pub(super) async fn write_atomic(dir: &Path, name: &str, data: Bytes) -> std::io::Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let path = dir.join(name);
-    tokio::task::spawn_blocking(move || {
-        std::fs::write(&tmp, &data)?;
-        std::fs::rename(&tmp, &path)
-    })
-    .await
-    .map_err(std::io::Error::other)?
 }
 
 fn unix_ms() -> i64 {

@@ -15,11 +15,12 @@
 //! an output asks [`open`] for its directory's uploader. Without `install`
 //! (unit tests) outputs write to their local directory, as before.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::path::{Component, Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt};
@@ -76,16 +77,166 @@ pub trait Storage: Send + Sync {
     fn delete<'a>(&'a self, name: &'a str) -> StorageFuture<'a>;
     /// Removes everything an earlier run of the output left.
     fn clear(&self) -> StorageFuture<'_>;
+    /// The output is done: removes what the backend kept for its own use.
+    fn finish(&self) -> StorageFuture<'_> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
-/// Files in a local directory, each written to a temporary name and renamed.
+/// Files in a local directory, each written under a hidden name and renamed
+/// into place, so readers never see half a file.
+///
+/// Deleted files are not unlinked but renamed to hidden spares, and a later
+/// write goes into a spare (truncated) rather than a new file; a replaced
+/// file (the playlist) is swapped with its successor (`RENAME_EXCHANGE`)
+/// and becomes a spare in turn. Creating a file takes a new inode, which on
+/// ext4 without a journal means a scan for one not recently freed: at a
+/// hundred streams, creating and deleting segments and playlists was a tenth
+/// of the server's CPU. A spare is written over only [`SPARE_AGE`] after it
+/// was retired, so a reader still holding it open (a slow download of a
+/// segment that left the playlist) reads what it opened. Spares are removed
+/// when the output finishes, and by [`Storage::clear`] at the next start.
 pub struct LocalDir {
     dir: PathBuf,
+    spares: Arc<Mutex<Spares>>,
+    spare_age: Duration,
+}
+
+/// How long a retired file waits before it is written over.
+const SPARE_AGE: Duration = Duration::from_secs(10);
+/// Spares kept per directory; more are unlinked. A directory retires about
+/// two files per segment (the deleted segment, the replaced playlist), so
+/// this covers [`SPARE_AGE`] of 1 s segments.
+const MAX_SPARES: usize = 24;
+
+/// A directory's spare files, oldest first, with when each was retired.
+#[derive(Default)]
+struct Spares {
+    files: VecDeque<(PathBuf, Instant)>,
+    next: u64,
+}
+
+impl Spares {
+    fn new_name(&mut self, dir: &Path) -> PathBuf {
+        self.next += 1;
+        dir.join(format!(".spare-{}", self.next))
+    }
+
+    /// A spare old enough to be written over, or a new hidden name.
+    fn take(&mut self, dir: &Path, age: Duration) -> PathBuf {
+        match self.files.front() {
+            Some((_, retired)) if retired.elapsed() >= age => self.files.pop_front().map(|f| f.0),
+            _ => None,
+        }
+        .unwrap_or_else(|| self.new_name(dir))
+    }
+
+    /// Keeps `file` as a spare; returns one to unlink when there are too many.
+    fn keep(&mut self, file: PathBuf) -> Option<PathBuf> {
+        self.files.push_back((file, Instant::now()));
+        (self.files.len() > MAX_SPARES)
+            .then(|| self.files.pop_front().map(|f| f.0))
+            .flatten()
+    }
 }
 
 impl LocalDir {
     pub fn new(dir: PathBuf) -> Self {
-        LocalDir { dir }
+        Self::with_spare_age(dir, SPARE_AGE)
+    }
+
+    fn with_spare_age(dir: PathBuf, spare_age: Duration) -> Self {
+        LocalDir {
+            dir,
+            spares: Arc::default(),
+            spare_age,
+        }
+    }
+
+    /// Runs `f` on the blocking pool with the directory and its spares.
+    async fn blocking(
+        &self,
+        f: impl FnOnce(&Path, &Mutex<Spares>) -> Result<(), StorageError> + Send + 'static,
+    ) -> Result<(), StorageError> {
+        let (dir, spares) = (self.dir.clone(), self.spares.clone());
+        tokio::task::spawn_blocking(move || f(&dir, &spares))
+            .await
+            .map_err(|e| io(&self.dir)(std::io::Error::other(e)))?
+    }
+}
+
+fn lock(spares: &Mutex<Spares>) -> std::sync::MutexGuard<'_, Spares> {
+    spares.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Writes `data` into a spare (or a new hidden file) and moves it to `name`.
+fn put_file(
+    dir: &Path,
+    spares: &Mutex<Spares>,
+    age: Duration,
+    name: &str,
+    data: &[u8],
+) -> Result<(), StorageError> {
+    let path = dir.join(name);
+    let tmp = lock(spares).take(dir, age);
+    let written = std::fs::write(&tmp, data)
+        .map_err(io(&tmp))
+        .and_then(|()| swap_in(&tmp, &path).map_err(io(&path)));
+    match written {
+        // `tmp` now holds the file `name` had.
+        Ok(true) => {
+            if let Some(extra) = lock(spares).keep(tmp) {
+                let _ = std::fs::remove_file(extra);
+            }
+            Ok(())
+        }
+        Ok(false) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Moves `tmp` to `path` atomically. True when `path` existed and its file
+/// was swapped into `tmp`.
+fn swap_in(tmp: &Path, path: &Path) -> std::io::Result<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::fs::{CWD, RenameFlags, renameat_with};
+        use rustix::io::Errno;
+        match renameat_with(CWD, tmp, CWD, path, RenameFlags::EXCHANGE) {
+            Ok(()) => return Ok(true),
+            // Nothing at `path` yet, or a file system that cannot swap.
+            Err(Errno::NOENT | Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    std::fs::rename(tmp, path).map(|()| false)
+}
+
+/// Retires `name` as a spare, or unlinks it when there are enough.
+fn delete_file(dir: &Path, spares: &Mutex<Spares>, name: &str) -> Result<(), StorageError> {
+    let path = dir.join(name);
+    let spare = {
+        let mut spares = lock(spares);
+        (spares.files.len() < MAX_SPARES).then(|| spares.new_name(dir))
+    };
+    let result = match &spare {
+        Some(spare) => std::fs::rename(&path, spare),
+        None => std::fs::remove_file(&path),
+    };
+    match result {
+        Ok(()) => {
+            if let Some(spare) = spare
+                && let Some(extra) = lock(spares).keep(spare)
+            {
+                let _ = std::fs::remove_file(extra);
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io(&path)(e)),
     }
 }
 
@@ -95,25 +246,18 @@ impl Storage for LocalDir {
     }
 
     fn put<'a>(&'a self, name: &'a str, data: Bytes) -> StorageFuture<'a> {
-        Box::pin(async move {
-            super::output::write_atomic(&self.dir, name, data)
-                .await
-                .map_err(io(&self.dir.join(name)))
-        })
+        let (name, age) = (name.to_owned(), self.spare_age);
+        Box::pin(self.blocking(move |dir, spares| put_file(dir, spares, age, &name, &data)))
     }
 
     fn delete<'a>(&'a self, name: &'a str) -> StorageFuture<'a> {
-        Box::pin(async move {
-            let path = self.dir.join(name);
-            match tokio::fs::remove_file(&path).await {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&path)(e)),
-                _ => Ok(()),
-            }
-        })
+        let name = name.to_owned();
+        Box::pin(self.blocking(move |dir, spares| delete_file(dir, spares, &name)))
     }
 
     fn clear(&self) -> StorageFuture<'_> {
         Box::pin(async move {
+            lock(&self.spares).files.clear();
             match tokio::fs::remove_dir_all(&self.dir).await {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     return Err(io(&self.dir)(e));
@@ -124,6 +268,15 @@ impl Storage for LocalDir {
                 .await
                 .map_err(io(&self.dir))
         })
+    }
+
+    fn finish(&self) -> StorageFuture<'_> {
+        Box::pin(self.blocking(|_, spares| {
+            for (file, _) in lock(spares).files.drain(..) {
+                let _ = std::fs::remove_file(file);
+            }
+            Ok(())
+        }))
     }
 }
 
@@ -291,6 +444,13 @@ impl Uploader {
         self.run("clear", "", span, || self.storage.clear()).await
     }
 
+    /// The output is done: the backend tidies up (tried once).
+    pub async fn finish(&self, span: &tracing::Span) {
+        if let Err(e) = self.storage.finish().await {
+            tracing::debug!(parent: span, error = %e, "storage finish failed");
+        }
+    }
+
     async fn run<'f>(
         &self,
         op: &'static str,
@@ -423,12 +583,8 @@ mod tests {
             std::fs::read(dir.join("index.m3u8")).unwrap(),
             b"#EXTM3U\n2"
         );
-        // No temporary file is left.
-        let names: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        assert_eq!(names.len(), 2, "{names:?}");
+        // Besides the spares, no temporary file is left.
+        assert_eq!(visible(&dir), ["index.m3u8", "seg0.ts"]);
         assert!(up.delete("seg0.ts", &span()).await);
         assert!(!dir.join("seg0.ts").exists());
         assert!(
@@ -437,6 +593,102 @@ mod tests {
         );
         assert!(up.clear(&span()).await);
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    }
+
+    /// The names in `dir`, sorted, without the hidden ones.
+    fn visible(dir: &Path) -> Vec<String> {
+        let mut names: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn inode(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().ino()
+    }
+
+    #[tokio::test]
+    async fn local_dir_writes_over_retired_files_once_they_are_old_enough() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cam");
+        let reuse = Uploader::new(
+            Arc::new(LocalDir::with_spare_age(dir.clone(), Duration::ZERO)),
+            0,
+        );
+        assert!(reuse.clear(&span()).await);
+        assert!(
+            reuse
+                .put("seg0.ts", Bytes::from_static(b"first segment"), &span())
+                .await
+        );
+        let seg0 = inode(&dir.join("seg0.ts"));
+        assert!(reuse.delete("seg0.ts", &span()).await);
+        assert!(!dir.join("seg0.ts").exists());
+        // The next file is the deleted one's inode, truncated and rewritten.
+        assert!(
+            reuse
+                .put("seg1.ts", Bytes::from_static(b"2nd"), &span())
+                .await
+        );
+        assert_eq!(inode(&dir.join("seg1.ts")), seg0);
+        assert_eq!(std::fs::read(dir.join("seg1.ts")).unwrap(), b"2nd");
+        // A replaced playlist's file becomes a spare too.
+        assert!(
+            reuse
+                .put("index.m3u8", Bytes::from_static(b"#EXTM3U\n1"), &span())
+                .await
+        );
+        let playlist = inode(&dir.join("index.m3u8"));
+        assert!(
+            reuse
+                .put("index.m3u8", Bytes::from_static(b"#EXTM3U\n2"), &span())
+                .await
+        );
+        assert_eq!(
+            std::fs::read(dir.join("index.m3u8")).unwrap(),
+            b"#EXTM3U\n2"
+        );
+        assert!(
+            reuse
+                .put("seg2.ts", Bytes::from_static(b"3rd"), &span())
+                .await
+        );
+        assert_eq!(inode(&dir.join("seg2.ts")), playlist);
+        assert_eq!(std::fs::read(dir.join("seg2.ts")).unwrap(), b"3rd");
+        reuse.finish(&span()).await;
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            3,
+            "no spare is left"
+        );
+
+        // A retired file younger than the spare age is left alone: a reader
+        // that opened it still reads what it opened.
+        let dir = tmp.path().join("cam2");
+        let wait = Uploader::new(Arc::new(LocalDir::new(dir.clone())), 0);
+        assert!(wait.clear(&span()).await);
+        assert!(
+            wait.put("seg0.ts", Bytes::from_static(b"first segment"), &span())
+                .await
+        );
+        let first = inode(&dir.join("seg0.ts"));
+        let mut open = std::fs::File::open(dir.join("seg0.ts")).unwrap();
+        assert!(wait.delete("seg0.ts", &span()).await);
+        assert!(
+            wait.put("seg1.ts", Bytes::from_static(b"2nd"), &span())
+                .await
+        );
+        assert_ne!(inode(&dir.join("seg1.ts")), first);
+        let mut read = Vec::new();
+        std::io::Read::read_to_end(&mut open, &mut read).unwrap();
+        assert_eq!(read, b"first segment");
+        wait.finish(&span()).await;
+        assert_eq!(visible(&dir), ["seg1.ts"]);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
     }
 
     #[tokio::test]
