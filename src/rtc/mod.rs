@@ -77,8 +77,43 @@ impl RtcHandle {
             None => None,
         };
         let (tx, rx) = mpsc::channel(1024);
-        let driver = Driver::new(socket, tcp, candidate_ips, idle_timeout, rx, tx.downgrade())?;
-        tokio::spawn(driver.run());
+        let weak = tx.downgrade();
+        // The driver has a thread and a single-threaded runtime of its own:
+        // it wakes for nearly every datagram, and on the shared runtime each
+        // wake-up also woke a second worker to steal work that was not
+        // there. Everything it hands off goes through channels.
+        let (ready_tx, ready) = oneshot::channel();
+        std::thread::Builder::new()
+            .name("webrtc-driver".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let driver = tokio::net::UdpSocket::from_std(socket).and_then(|socket| {
+                        Driver::new(socket, tcp, candidate_ips, idle_timeout, rx, weak)
+                    });
+                    match driver {
+                        Ok(driver) => {
+                            let _ = ready_tx.send(Ok(()));
+                            driver.run().await;
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                });
+            })?;
+        ready
+            .await
+            .map_err(|_| std::io::Error::other("the WebRTC driver thread ended"))??;
         Ok(Self { tx, local_addr })
     }
 
@@ -183,7 +218,7 @@ impl RtcHandle {
 /// `net.core.rmem_max`/`wmem_max`; raise those for hundreds of publishers.
 const UDP_BUFFER_BYTES: usize = 8 * 1024 * 1024;
 
-fn bind_udp(listen: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+fn bind_udp(listen: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(
         Domain::for_address(listen),
@@ -202,7 +237,7 @@ fn bind_udp(listen: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
     socket.bind(&listen.into())?;
     let received = socket.recv_buffer_size().unwrap_or(0);
     tracing::debug!(bytes = received, "UDP receive buffer");
-    tokio::net::UdpSocket::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// A random identifier of `bytes` bytes from a CSPRNG (ChaCha seeded by the
