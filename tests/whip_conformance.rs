@@ -40,8 +40,22 @@ async fn create(client: &Client, server: &Server, stream: &str, token: Option<&s
     }
 }
 
-fn patch(client: &Client, server: &Server, s: &Session) -> reqwest::RequestBuilder {
-    client.patch(server.url(&s.location))
+/// The fragment that only ends the candidates.
+const END: &str = "a=end-of-candidates\r\n";
+
+/// PATCH of a trickle fragment (`application/trickle-ice-sdpfrag`) to
+/// `url`, with `If-Match` when given.
+async fn trickle(
+    client: &Client,
+    url: String,
+    if_match: Option<&str>,
+    fragment: &str,
+) -> reqwest::Response {
+    let mut req = client.patch(url).header(header::CONTENT_TYPE, TRICKLE);
+    if let Some(tag) = if_match {
+        req = req.header(header::IF_MATCH, tag);
+    }
+    req.body(fragment.to_owned()).send().await.expect("PATCH")
 }
 
 fn now() -> i64 {
@@ -78,32 +92,22 @@ async fn trickle_patch_status_codes() {
     );
 
     // 428: no If-Match.
-    let resp = patch(&client, &server, &s)
-        .header(header::CONTENT_TYPE, TRICKLE)
-        .body("a=end-of-candidates\r\n")
-        .send()
-        .await
-        .expect("PATCH");
+    let resp = trickle(&client, server.url(&s.location), None, END).await;
     expect_problem(resp, StatusCode::PRECONDITION_REQUIRED, "no If-Match").await;
 
     // 412: a stale or foreign ETag (a weak tag never matches strongly).
     let weak = format!("W/{}", s.etag);
     for tag in ["\"0000\"", weak.as_str()] {
-        let resp = patch(&client, &server, &s)
-            .header(header::CONTENT_TYPE, TRICKLE)
-            .header(header::IF_MATCH, tag)
-            .body("a=end-of-candidates\r\n")
-            .send()
-            .await
-            .expect("PATCH");
+        let resp = trickle(&client, server.url(&s.location), Some(tag), END).await;
         expect_problem(resp, StatusCode::PRECONDITION_FAILED, tag).await;
     }
 
     // 415: not a trickle fragment; Accept-Patch says what is.
-    let resp = patch(&client, &server, &s)
+    let resp = client
+        .patch(server.url(&s.location))
         .header(header::CONTENT_TYPE, "application/sdp")
         .header(header::IF_MATCH, &s.etag)
-        .body("a=end-of-candidates\r\n")
+        .body(END)
         .send()
         .await
         .expect("PATCH");
@@ -118,38 +122,30 @@ async fn trickle_patch_status_codes() {
         "a=candidate:1 1 udp notapriority 127.0.0.1 5000 typ host\r\n",
         "a=candidate:1 1 udp 2130706431 127.0.0.1\r\n",
     ] {
-        let resp = patch(&client, &server, &s)
-            .header(header::CONTENT_TYPE, TRICKLE)
-            .header(header::IF_MATCH, &s.etag)
-            .body(bad)
-            .send()
-            .await
-            .expect("PATCH");
+        let resp = trickle(&client, server.url(&s.location), Some(&s.etag), bad).await;
         expect_problem(resp, StatusCode::BAD_REQUEST, bad).await;
     }
 
     // ICE restart without new credentials: 400, and the session goes on.
-    let resp = patch(&client, &server, &s)
-        .header(header::CONTENT_TYPE, TRICKLE)
-        .header(header::IF_MATCH, "*")
-        .body("a=candidate:1 1 udp 2122260223 127.0.0.1 61764 typ host\r\n")
-        .send()
-        .await
-        .expect("PATCH");
+    let resp = trickle(
+        &client,
+        server.url(&s.location),
+        Some("*"),
+        "a=candidate:1 1 udp 2122260223 127.0.0.1 61764 typ host\r\n",
+    )
+    .await;
     let (_, body) = expect_problem(resp, StatusCode::BAD_REQUEST, "restart, no creds").await;
     assert!(detail(&body).contains("ice-pwd"), "{body}");
 
     // ICE restart: 200, the server's new sdpfrag and a new ETag.
-    let resp = patch(&client, &server, &s)
-        .header(header::CONTENT_TYPE, TRICKLE)
-        .header(header::IF_MATCH, "*")
-        .body(
-            "a=ice-ufrag:newU\r\na=ice-pwd:newpasswordnewpassword12\r\n\
+    let resp = trickle(
+        &client,
+        server.url(&s.location),
+        Some("*"),
+        "a=ice-ufrag:newU\r\na=ice-pwd:newpasswordnewpassword12\r\n\
              a=candidate:1 1 udp 2122260223 127.0.0.1 61765 typ host\r\n",
-        )
-        .send()
-        .await
-        .expect("PATCH");
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::OK);
     let h = resp.headers().clone();
     assert_eq!(header_str(&h, header::CONTENT_TYPE), TRICKLE);
@@ -175,32 +171,19 @@ async fn trickle_patch_status_codes() {
         "{frag}"
     );
     // The old ETag is stale now, the new one matches.
-    let resp = patch(&client, &server, &s)
-        .header(header::CONTENT_TYPE, TRICKLE)
-        .header(header::IF_MATCH, &s.etag)
-        .body("a=end-of-candidates\r\n")
-        .send()
-        .await
-        .expect("PATCH");
+    let resp = trickle(&client, server.url(&s.location), Some(&s.etag), END).await;
     expect_problem(resp, StatusCode::PRECONDITION_FAILED, "old etag").await;
-    let resp = patch(&client, &server, &s)
-        .header(header::CONTENT_TYPE, TRICKLE)
-        .header(header::IF_MATCH, &new_etag)
-        .body("a=end-of-candidates\r\n")
-        .send()
-        .await
-        .expect("PATCH");
+    let resp = trickle(&client, server.url(&s.location), Some(&new_etag), END).await;
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
 
     // 404: an unknown session.
-    let resp = client
-        .patch(server.url("/whip/trickle/0123456789abcdef0123456789abcdef"))
-        .header(header::CONTENT_TYPE, TRICKLE)
-        .header(header::IF_MATCH, &s.etag)
-        .body("a=end-of-candidates\r\n")
-        .send()
-        .await
-        .expect("PATCH");
+    let resp = trickle(
+        &client,
+        server.url("/whip/trickle/0123456789abcdef0123456789abcdef"),
+        Some(&s.etag),
+        END,
+    )
+    .await;
     expect_problem(resp, StatusCode::NOT_FOUND, "unknown session").await;
 
     // The session survived all of that.
@@ -229,26 +212,20 @@ async fn trickled_candidates_reach_the_session() {
         a=candidate:2 1 udp 2113937151 8a3c9e8e-1f2b-4d3c-9e8e-1f2b4d3c9e8e.local 54321 typ host generation 0\r\n\
         a=candidate:473322822 1 tcp 1518280447 127.0.0.1 9 typ host tcptype active generation 0 network-id 1\r\n\
         a=end-of-candidates\r\n";
-    let resp = patch(&client, &server, &s)
-        .header(header::CONTENT_TYPE, TRICKLE)
-        .header(header::IF_MATCH, &s.etag)
-        .body(fragment)
-        .send()
-        .await
-        .expect("PATCH");
+    let resp = trickle(&client, server.url(&s.location), Some(&s.etag), fragment).await;
     let status = resp.status();
     let body = resp.text().await.expect("body");
     assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
     assert!(body.is_empty(), "a 204 with a body: {body:?}");
 
     // A list of tags including ours matches too; end-of-candidates alone is fine.
-    let resp = patch(&client, &server, &s)
-        .header(header::CONTENT_TYPE, TRICKLE)
-        .header(header::IF_MATCH, format!("\"other\", {}", s.etag))
-        .body("a=end-of-candidates\r\n")
-        .send()
-        .await
-        .expect("PATCH");
+    let resp = trickle(
+        &client,
+        server.url(&s.location),
+        Some(&format!("\"other\", {}", s.etag)),
+        END,
+    )
+    .await;
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
 
     // The UDP candidate reached str0m; the others did not.
@@ -346,13 +323,13 @@ async fn trickle_turned_off_is_422_but_patch_stays_for_ice_restarts() {
     assert_eq!(header_str(resp.headers(), "accept-patch"), TRICKLE);
     assert!(header_str(resp.headers(), header::ALLOW).contains("PATCH"));
 
-    let resp = patch(&client, &server, &s)
-        .header(header::CONTENT_TYPE, TRICKLE)
-        .header(header::IF_MATCH, &s.etag)
-        .body("a=candidate:1 1 udp 2122260223 127.0.0.1 61764 typ host\r\n")
-        .send()
-        .await
-        .expect("PATCH");
+    let resp = trickle(
+        &client,
+        server.url(&s.location),
+        Some(&s.etag),
+        "a=candidate:1 1 udp 2122260223 127.0.0.1 61764 typ host\r\n",
+    )
+    .await;
     let (_, body) = expect_problem(resp, StatusCode::UNPROCESSABLE_ENTITY, "trickle off").await;
     assert!(detail(&body).contains("trickle"), "{body}");
     assert_no_panic(&server);
@@ -412,21 +389,14 @@ async fn jwt_hs256() {
         let resp = req.send().await.expect("DELETE");
         expect_problem(resp, StatusCode::UNAUTHORIZED, "DELETE, other token").await;
     }
-    let resp = client
-        .patch(server.url(&location))
-        .header(header::CONTENT_TYPE, TRICKLE)
-        .header(header::IF_MATCH, &etag)
-        .body("a=end-of-candidates\r\n")
-        .send()
-        .await
-        .expect("PATCH");
+    let resp = trickle(&client, server.url(&location), Some(&etag), END).await;
     expect_problem(resp, StatusCode::UNAUTHORIZED, "PATCH without token").await;
     let resp = client
         .patch(server.url(&location))
         .bearer_auth(&token)
         .header(header::CONTENT_TYPE, TRICKLE)
         .header(header::IF_MATCH, &etag)
-        .body("a=end-of-candidates\r\n")
+        .body(END)
         .send()
         .await
         .expect("PATCH");
