@@ -31,6 +31,18 @@ async fn send(
     req.send().await.expect("request")
 }
 
+async fn get(client: &Client, server: &Server, path: &str) -> reqwest::Response {
+    send(client, server, Method::GET, path, None).await
+}
+
+async fn put(client: &Client, server: &Server, path: &str, body: Value) -> reqwest::Response {
+    send(client, server, Method::PUT, path, Some(body)).await
+}
+
+async fn delete(client: &Client, server: &Server, path: &str) -> reqwest::Response {
+    send(client, server, Method::DELETE, path, None).await
+}
+
 async fn get_json(client: &Client, server: &Server, path: &str) -> Value {
     let resp = send(client, server, Method::GET, path, None).await;
     let status = resp.status();
@@ -98,14 +110,7 @@ async fn api_streams_survive_restarts_and_push() {
         "push": [push_url],
         "takeover": "never",
     });
-    let resp = send(
-        &client,
-        &server,
-        Method::PUT,
-        "/api/v1/streams/cam",
-        Some(settings.clone()),
-    )
-    .await;
+    let resp = put(&client, &server, "/api/v1/streams/cam", settings.clone()).await;
     assert_eq!(resp.status(), StatusCode::CREATED);
     assert_eq!(
         header_str(resp.headers(), header::LOCATION),
@@ -117,14 +122,7 @@ async fn api_streams_survive_restarts_and_push() {
     assert_eq!(created["settings"]["takeover"], "never");
     assert_no_secret(&created, &[STREAM_TOKEN, "api-secret-key"]);
     // The same again replaces: 200.
-    let resp = send(
-        &client,
-        &server,
-        Method::PUT,
-        "/api/v1/streams/cam",
-        Some(settings),
-    )
-    .await;
+    let resp = put(&client, &server, "/api/v1/streams/cam", settings).await;
     assert_eq!(resp.status(), StatusCode::OK);
 
     // On disk before the answer, owner-only.
@@ -249,7 +247,7 @@ async fn bad_bodies_get_400_or_422_naming_the_problem() {
     assert!(detail(&problem).contains("stream name"), "{problem}");
 
     // Nothing was stored.
-    let resp = send(&client, &server, Method::GET, "/api/v1/streams/bad", None).await;
+    let resp = get(&client, &server, "/api/v1/streams/bad").await;
     expect_problem(resp, StatusCode::NOT_FOUND, "refused stream").await;
     assert!(!server.dir.path().join("data/streams.json").exists());
     let list = get_json(&client, &server, "/api/v1/streams").await;
@@ -269,16 +267,15 @@ async fn put_get_delete_kick_round_trip() {
     let list = get_json(&client, &server, "/api/v1/streams").await;
     assert_eq!(list["streams"][0]["name"], "conf", "{list}");
     assert_eq!(list["streams"][0]["source"], "config", "{list}");
-    let resp = send(&client, &server, Method::GET, "/api/v1/streams/none", None).await;
+    let resp = get(&client, &server, "/api/v1/streams/none").await;
     expect_problem(resp, StatusCode::NOT_FOUND, "unknown stream").await;
 
     // The API overrides it; DELETE gives the config file's settings back.
-    let resp = send(
+    let resp = put(
         &client,
         &server,
-        Method::PUT,
         "/api/v1/streams/conf",
-        Some(json!({"preset": "copy-all"})),
+        json!({"preset": "copy-all"}),
     )
     .await;
     assert_eq!(resp.status(), StatusCode::CREATED);
@@ -287,38 +284,23 @@ async fn put_get_delete_kick_round_trip() {
         (v["source"].as_str(), v["preset"].as_str()),
         (Some("api"), Some("copy-all"))
     );
-    let resp = send(
-        &client,
-        &server,
-        Method::DELETE,
-        "/api/v1/streams/conf",
-        None,
-    )
-    .await;
+    let resp = delete(&client, &server, "/api/v1/streams/conf").await;
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
     let v = get_json(&client, &server, "/api/v1/streams/conf").await;
     assert_eq!(
         (v["source"].as_str(), v["preset"].as_str()),
         (Some("config"), Some("audio-only"))
     );
-    let resp = send(
-        &client,
-        &server,
-        Method::DELETE,
-        "/api/v1/streams/conf",
-        None,
-    )
-    .await;
+    let resp = delete(&client, &server, "/api/v1/streams/conf").await;
     let (_, p) = expect_problem(resp, StatusCode::NOT_FOUND, "second DELETE").await;
     assert!(detail(&p).contains("API"), "{p}");
 
     // A stream made through the API, published.
-    let resp = send(
+    let resp = put(
         &client,
         &server,
-        Method::PUT,
         "/api/v1/streams/live",
-        Some(json!({"tokens": [STREAM_TOKEN]})),
+        json!({"tokens": [STREAM_TOKEN]}),
     )
     .await;
     assert_eq!(resp.status(), StatusCode::CREATED);
@@ -346,12 +328,11 @@ async fn put_get_delete_kick_round_trip() {
         "rtmp://127.0.0.1:{}/live/a-push-key-0123456789",
         support::server::free_tcp_port()
     );
-    let resp = send(
+    let resp = put(
         &client,
         &server,
-        Method::PUT,
         "/api/v1/streams/live",
-        Some(json!({"tokens": [STREAM_TOKEN], "preset": "copy-all", "push": [unreachable]})),
+        json!({"tokens": [STREAM_TOKEN], "preset": "copy-all", "push": [unreachable]}),
     )
     .await;
     assert_eq!(resp.status(), StatusCode::OK);
@@ -394,14 +375,7 @@ async fn put_get_delete_kick_round_trip() {
     assert_eq!(v["push"].as_array().map(Vec::len), Some(1), "{v}");
 
     // DELETE forgets it and ends the publication.
-    let resp = send(
-        &client,
-        &server,
-        Method::DELETE,
-        "/api/v1/streams/live",
-        None,
-    )
-    .await;
+    let resp = delete(&client, &server, "/api/v1/streams/live").await;
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
     let v = wait_stream(&client, &server, "live", "the end after DELETE", |v| {
         v["live"] == false
@@ -413,7 +387,7 @@ async fn put_get_delete_kick_round_trip() {
 
     // Gone for good: after a restart nobody knows it.
     server.restart().expect("restart");
-    let resp = send(&client, &server, Method::GET, "/api/v1/streams/live", None).await;
+    let resp = get(&client, &server, "/api/v1/streams/live").await;
     expect_problem(resp, StatusCode::NOT_FOUND, "deleted stream after restart").await;
     let log = server.log();
     assert!(!log.contains("panicked"), "{log}");
@@ -479,7 +453,7 @@ async fn the_token_is_required_when_configured() {
 async fn openapi_document_is_served() {
     let server = Server::start("").expect("server");
     let client = client();
-    let resp = send(&client, &server, Method::GET, "/api/v1/openapi.json", None).await;
+    let resp = get(&client, &server, "/api/v1/openapi.json").await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(
         header_str(resp.headers(), header::CONTENT_TYPE),
