@@ -106,8 +106,14 @@ impl Building {
         self.last_lead_pts.saturating_add(self.lead_frame_ticks)
     }
 
-    fn into_segment(self, end: i64) -> Segment {
+    fn into_segment(mut self, end: i64) -> Segment {
         let ticks = end.saturating_sub(self.start_pts).max(0);
+        // The segment is kept in memory for the whole playlist window: a
+        // buffer that doubled when it outgrew its estimate would hold up to
+        // twice its size for that long.
+        if self.data.capacity() - self.data.len() > self.data.len() / 8 {
+            self.data.shrink_to_fit();
+        }
         Segment {
             sequence: self.sequence,
             duration: ticks as f64 / CLOCK_HZ as f64,
@@ -283,7 +289,12 @@ impl Segmenter {
         let discontinuity = std::mem::take(&mut self.discontinuity_pending);
         self.cut_pending = false;
 
-        let mut data = Vec::with_capacity(finished.as_ref().map_or(0, |s| s.data.len()));
+        // Room for a segment a quarter larger than the last, so the buffer
+        // seldom has to grow (and copy) while it fills.
+        let estimate = finished
+            .as_ref()
+            .map_or(0, |s| s.data.len() + s.data.len() / 4);
+        let mut data = Vec::with_capacity(estimate);
         self.muxer.write_tables(&mut data);
         self.current = Some(Building {
             sequence: self.next_sequence,
@@ -493,6 +504,18 @@ mod tests {
         let segments = run(segmenter, &frames, BASE_MS);
         assert_eq!(segments[0].duration, 30.0 * 1920.0 / 90000.0);
         assert!(segments[1].discontinuity);
+    }
+
+    #[test]
+    fn segments_do_not_hold_spare_capacity() {
+        // The first segment's buffer grows from nothing (doubling); every
+        // segment handed out is within an eighth of its size.
+        let segments = run(&mut av_segmenter(), &av(9, 30, 0), BASE_MS);
+        assert!(segments.len() >= 3);
+        for s in &segments {
+            let (len, capacity) = (s.data.len(), s.data.capacity());
+            assert!(capacity <= len + len / 8, "{capacity} bytes for {len}");
+        }
     }
 
     #[test]
