@@ -283,11 +283,6 @@ impl Hub {
         }
     }
 
-    /// A receiver of the current publication (`None` when nobody publishes).
-    pub fn watch(&self) -> watch::Receiver<Option<Publication>> {
-        self.state.subscribe()
-    }
-
     /// A publisher starts. Replaces any previous one.
     pub fn start(&self, publication: Publication, keyframe: KeyframeRequester) {
         *self.lock_publisher() = Some(Publisher {
