@@ -29,6 +29,8 @@ use crate::telemetry::{self, PacketDrop};
 /// still no help to an attacker choosing source addresses) instead of
 /// SipHash, which was 1% of the server's time at a hundred streams.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+/// A session's key in the driver's maps.
+type Key = u64;
 
 /// A session that has not completed ICE and DTLS by then is closed: the
 /// client cannot reach us, or is not trying.
@@ -39,6 +41,14 @@ const STATS_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Longest the driver sleeps without looking at a session.
 const MAX_SLEEP: Duration = Duration::from_millis(500);
+/// How late a session's timer may fire. Every datagram a session receives
+/// also runs its str0m timers (NACK reports every 33 ms, TWCC feedback every
+/// 50 ms, the reorder buffer's deadlines), so a deadline moved up to the next
+/// line of this grid is mostly met by the session's next packet, without a
+/// timeout of its own; the timers that do still fire are those of many
+/// sessions at once, served by one wake-up. At most this much later: a NACK
+/// report or TWCC feedback, never a packet's arrival time.
+const TIMER_GRID: Duration = Duration::from_millis(20);
 
 /// Datagrams read per wake-up of the driver at most, before its sessions
 /// run (and before commands and timers get a turn).
@@ -155,15 +165,22 @@ pub(super) struct Driver {
     tcp: Option<TcpSide>,
     /// Each open ICE-TCP connection's writer, by the client's address.
     tcp_writers: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
-    sessions: FastMap<String, Session>,
-    /// Remote transport address → session id, learnt from accepted
+    /// Sessions by a number of the driver's own (a datagram's lookups
+    /// hash and copy that, not the id string).
+    sessions: FastMap<Key, Session>,
+    /// Session id (the WHIP resource's) → its key.
+    keys: FastMap<String, Key>,
+    next_key: Key,
+    /// Remote transport address → session key, learnt from accepted
     /// datagrams.
-    routes: FastMap<(Protocol, SocketAddr), String>,
+    routes: FastMap<(Protocol, SocketAddr), Key>,
     cert: Option<str0m::config::DtlsCert>,
     idle_timeout: Duration,
     /// The earliest session deadline: until then only the sessions that
     /// datagrams reach are run.
     next_due: Instant,
+    /// Where the [`TIMER_GRID`] lines are counted from.
+    epoch: Instant,
     commands: mpsc::Receiver<Command>,
     commands_tx: mpsc::WeakSender<Command>,
 }
@@ -188,10 +205,13 @@ impl Driver {
             tcp,
             tcp_writers: HashMap::new(),
             sessions: FastMap::default(),
+            keys: FastMap::default(),
+            next_key: 0,
             routes: FastMap::default(),
             cert,
             idle_timeout,
             next_due: Instant::now(),
+            epoch: Instant::now(),
             commands,
             commands_tx,
         })
@@ -291,8 +311,11 @@ impl Driver {
                         answer,
                         etag: format!("\"{}\"", super::random_id(12)),
                     };
+                    let key = self.next_key;
+                    self.next_key += 1;
+                    self.keys.insert(id.clone(), key);
                     self.sessions.insert(
-                        id.clone(),
+                        key,
                         Session {
                             id: id.clone(),
                             rtc,
@@ -335,7 +358,7 @@ impl Driver {
                 end_of_candidates,
                 reply,
             } => {
-                let result = match self.sessions.get_mut(&id) {
+                let result = match self.session(&id) {
                     Some(s) => {
                         s.next_timeout = Instant::now();
                         add_remote_candidates(s, &candidates, end_of_candidates)
@@ -351,7 +374,7 @@ impl Driver {
                 candidates,
                 reply,
             } => {
-                let result = match self.sessions.get_mut(&id) {
+                let result = match self.session(&id) {
                     Some(s) => {
                         s.next_timeout = Instant::now();
                         ice_restart(s, &ufrag, &pwd, &candidates)
@@ -361,13 +384,14 @@ impl Driver {
                 let _ = reply.send(result);
             }
             Command::Close { id } => {
-                if let Some(mut s) = self.sessions.remove(&id) {
+                if let Some(&key) = self.keys.get(&id)
+                    && let Some(mut s) = self.remove(key)
+                {
                     s.close("closed by client (DELETE)");
-                    self.routes.retain(|_, v| *v != id);
                 }
             }
             Command::Keyframe { id, rid } => {
-                if let Some(s) = self.sessions.get_mut(&id) {
+                if let Some(s) = self.session(&id) {
                     request_keyframe(s, rid.as_deref());
                     // Poll it now so the PLI leaves at once.
                     s.next_timeout = Instant::now();
@@ -375,6 +399,19 @@ impl Driver {
             }
             Command::Shutdown { .. } => {}
         }
+    }
+
+    /// The session with the WHIP resource id `id`.
+    fn session(&mut self, id: &str) -> Option<&mut Session> {
+        self.sessions.get_mut(self.keys.get(id)?)
+    }
+
+    /// Forgets the session `key`: its maps' entries.
+    fn remove(&mut self, key: Key) -> Option<Session> {
+        let s = self.sessions.remove(&key)?;
+        self.keys.remove(&s.id);
+        self.routes.retain(|_, v| *v != key);
+        Some(s)
     }
 
     fn create(&self, offer: &str, accepted: &Accepted) -> Result<(Rtc, String, String), RtcError> {
@@ -409,7 +446,7 @@ impl Driver {
 
     /// An event of an ICE-TCP connection; a frame goes where a datagram
     /// would.
-    fn tcp_event(&mut self, ev: TcpEvent) -> Option<String> {
+    fn tcp_event(&mut self, ev: TcpEvent) -> Option<Key> {
         match ev {
             TcpEvent::Opened { peer, writer } => {
                 tracing::debug!(%peer, "ICE-TCP connection");
@@ -451,8 +488,8 @@ impl Driver {
     }
 
     /// Hands a datagram (or ICE-TCP frame) to the session that accepts it;
-    /// returns that session's id.
-    fn datagram(&mut self, data: &[u8], source: SocketAddr, proto: Protocol) -> Option<String> {
+    /// returns that session's key.
+    fn datagram(&mut self, data: &[u8], source: SocketAddr, proto: Protocol) -> Option<Key> {
         let Ok(contents) = data.try_into() else {
             telemetry::packet_dropped(PacketDrop::Unparsable);
             return None; // not STUN, DTLS, RTP or RTCP
@@ -468,31 +505,34 @@ impl Driver {
             },
         );
         let route = (proto, source);
-        let id = match self.routes.get(&route) {
-            Some(id) if self.sessions.get(id).is_some_and(|s| s.rtc.accepts(&input)) => {
-                Some(id.clone())
+        let known = self.routes.get(&route).copied();
+        let key = match known {
+            Some(key)
+                if self
+                    .sessions
+                    .get(&key)
+                    .is_some_and(|s| s.rtc.accepts(&input)) =>
+            {
+                key
             }
-            _ => self
-                .sessions
-                .iter()
-                .find(|(_, s)| s.rtc.accepts(&input))
-                .map(|(id, _)| id.clone()),
+            _ => {
+                let Some((&key, _)) = self.sessions.iter().find(|(_, s)| s.rtc.accepts(&input))
+                else {
+                    telemetry::packet_dropped(PacketDrop::NoSession);
+                    return None;
+                };
+                self.routes.insert(route, key);
+                key
+            }
         };
-        let Some(id) = id else {
-            telemetry::packet_dropped(PacketDrop::NoSession);
-            return None;
-        };
-        let s = self.sessions.get_mut(&id)?;
+        let s = self.sessions.get_mut(&key)?;
         s.last_input = now;
         if let Err(e) = s.rtc.handle_input(input) {
             telemetry::packet_dropped(PacketDrop::Rejected);
             let _g = s.span.enter();
             tracing::debug!(error = %e, "bad input");
         }
-        if self.routes.get(&route) != Some(&id) {
-            self.routes.insert(route, id.clone());
-        }
-        Some(id)
+        Some(key)
     }
 
     /// Runs the sessions that have work: the one a datagram just reached
@@ -500,35 +540,34 @@ impl Driver {
     /// earliest deadline has come, those whose timer is due. A datagram
     /// costs one session's work, not a pass over all of them. What they
     /// send is queued in `out`.
-    fn run_sessions(&mut self, now: Instant, touched: Option<String>, out: &mut Vec<Outgoing>) {
+    fn run_sessions(&mut self, now: Instant, touched: Option<Key>, out: &mut Vec<Outgoing>) {
         let mut dead = Vec::new();
-        let idle_timeout = self.idle_timeout;
+        let timing = (self.idle_timeout, self.epoch);
         if now < self.next_due {
-            if let Some(id) = touched
-                && let Some(s) = self.sessions.get_mut(&id)
+            if let Some(key) = touched
+                && let Some(s) = self.sessions.get_mut(&key)
             {
-                if step(s, now, false, idle_timeout, out) {
+                if step(s, now, false, timing, out) {
                     self.next_due = self.next_due.min(s.next_timeout);
                 } else {
-                    dead.push(id);
+                    dead.push(key);
                 }
             }
         } else {
             let mut next = now + MAX_SLEEP;
-            for (id, s) in self.sessions.iter_mut() {
+            for (&key, s) in self.sessions.iter_mut() {
                 let due = s.next_timeout <= now;
-                let run = due || touched.as_deref() == Some(id.as_str());
-                if run && !step(s, now, due, idle_timeout, out) {
-                    dead.push(id.clone());
+                let run = due || touched == Some(key);
+                if run && !step(s, now, due, timing, out) {
+                    dead.push(key);
                     continue;
                 }
                 next = next.min(s.next_timeout);
             }
             self.next_due = next;
         }
-        for id in dead {
-            self.sessions.remove(&id);
-            self.routes.retain(|_, v| *v != id);
+        for key in dead {
+            self.remove(key);
         }
     }
 
@@ -562,7 +601,7 @@ fn step(
     s: &mut Session,
     now: Instant,
     due: bool,
-    idle_timeout: Duration,
+    (idle_timeout, epoch): (Duration, Instant),
     out: &mut Vec<Outgoing>,
 ) -> bool {
     if now.duration_since(s.last_input) > idle_timeout {
@@ -576,7 +615,7 @@ fn step(
     match poll_session(s, now, due, out) {
         // Wake up at least every MAX_SLEEP for the idle check.
         Ok(Some(t)) => {
-            s.next_timeout = t.min(now + MAX_SLEEP);
+            s.next_timeout = on_grid(t.min(now + MAX_SLEEP), now, epoch);
             true
         }
         Ok(None) => false,
@@ -585,6 +624,17 @@ fn step(
             false
         }
     }
+}
+
+/// `t` moved up to the next [`TIMER_GRID`] line counted from `epoch`; a
+/// deadline that is already due stays as it is.
+fn on_grid(t: Instant, now: Instant, epoch: Instant) -> Instant {
+    if t <= now {
+        return t;
+    }
+    let grid = TIMER_GRID.as_nanos();
+    let lines = t.saturating_duration_since(epoch).as_nanos().div_ceil(grid);
+    epoch + Duration::from_nanos(u64::try_from(lines * grid).unwrap_or(u64::MAX))
 }
 
 /// A packet for the network: data, destination, transport.
@@ -921,6 +971,23 @@ mod tests {
     use super::*;
     use crate::rtc::offer;
     use str0m::media::Direction;
+
+    #[test]
+    fn timers_move_up_to_the_grid_and_due_ones_stay() {
+        let epoch = Instant::now();
+        let now = epoch + Duration::from_millis(1000);
+        let ms = |n| epoch + Duration::from_millis(n);
+        assert_eq!(on_grid(ms(1001), now, epoch), ms(1020));
+        assert_eq!(on_grid(ms(1033), now, epoch), ms(1040));
+        assert_eq!(on_grid(ms(1040), now, epoch), ms(1040), "on a line already");
+        assert_eq!(on_grid(ms(995), now, epoch), ms(995), "due: not delayed");
+        assert_eq!(on_grid(now, now, epoch), now);
+        // Never more than one grid step late.
+        for n in 1001..1200 {
+            let t = on_grid(ms(n), now, epoch);
+            assert!(t >= ms(n) && t - ms(n) < TIMER_GRID, "{n}");
+        }
+    }
 
     /// A real offer from a (non-lite) str0m client sending H264 and Opus.
     fn client_offer() -> String {
