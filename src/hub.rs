@@ -20,7 +20,7 @@ use metrics::Counter;
 use tokio::sync::{mpsc, watch};
 
 use crate::media::frame::{Codec, Frame, TrackKind};
-use crate::telemetry;
+use crate::telemetry::{self, Tally};
 
 /// One publisher's session on the stream: which tracks it sends. A new id
 /// each time someone (re)publishes.
@@ -72,7 +72,7 @@ struct Reader {
     /// Frames lost because its queue was full.
     dropped_full: Counter,
     /// Frames handed to it.
-    delivered: Counter,
+    delivered: Tally,
     /// Frames skipped after a loss, until the next keyframe.
     dropped_gop: Counter,
 }
@@ -95,7 +95,7 @@ struct SinkEntry {
     codecs: Vec<Codec>,
     waiting_for_key: bool,
     sink: Box<dyn Sink>,
-    delivered: Counter,
+    delivered: Tally,
 }
 
 /// Keeps a sink attached; [`Attached::detach`] (or dropping it) takes it off.
@@ -156,8 +156,14 @@ pub struct Hub {
     last_frame_ms: AtomicU64,
     ingress: Mutex<Option<IngressStats>>,
     /// Frames published, per codec (indexed by [`codec_index`]).
-    published: [Counter; 6],
+    published: Mutex<[Tally; 6]>,
+    /// Milliseconds after `created` when the frame counts were last added
+    /// to their counters.
+    counted_ms: AtomicU64,
 }
+
+/// How often a hub adds its frame counts to the Prometheus counters.
+const COUNT_INTERVAL_MS: u64 = 1000;
 
 fn codec_index(codec: Codec) -> usize {
     match codec {
@@ -207,15 +213,18 @@ impl Hub {
             created: Instant::now(),
             last_frame_ms: AtomicU64::new(0),
             ingress: Mutex::new(None),
-            published: [
-                Codec::H264,
-                Codec::Opus,
-                Codec::Aac,
-                Codec::Vp8,
-                Codec::Vp9,
-                Codec::Av1,
-            ]
-            .map(|c| telemetry::frames_published(name, c)),
+            published: Mutex::new(
+                [
+                    Codec::H264,
+                    Codec::Opus,
+                    Codec::Aac,
+                    Codec::Vp8,
+                    Codec::Vp9,
+                    Codec::Av1,
+                ]
+                .map(|c| Tally::new(telemetry::frames_published(name, c))),
+            ),
+            counted_ms: AtomicU64::new(0),
         })
     }
 
@@ -243,7 +252,7 @@ impl Hub {
             dropped_total: dropped.clone(),
             waiting_for_key: true,
             dropped_full: telemetry::frames_dropped(&self.name, name, "queue_full"),
-            delivered: telemetry::frames_delivered(&self.name, name),
+            delivered: Tally::new(telemetry::frames_delivered(&self.name, name)),
             // Only video readers skip to the next keyframe.
             dropped_gop: if codecs.iter().any(|c| c.kind() == TrackKind::Video) {
                 telemetry::frames_dropped(&self.name, name, "gop_skipped")
@@ -275,7 +284,7 @@ impl Hub {
             codecs: codecs.to_vec(),
             waiting_for_key: true,
             sink,
-            delivered: telemetry::frames_delivered(&self.name, name),
+            delivered: Tally::new(telemetry::frames_delivered(&self.name, name)),
         });
         Attached {
             hub: self.clone(),
@@ -309,6 +318,20 @@ impl Hub {
         tracing::info!(stream = %self.name, publication = id, "publisher stopped");
         // Not under the publisher's lock: a sink may ask for a keyframe.
         self.run_sinks(|sink| sink.stopped(publication));
+        self.flush_counts();
+    }
+
+    /// Adds the frame counts not yet added to their counters.
+    fn flush_counts(&self) {
+        let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+        published.iter_mut().for_each(Tally::flush);
+        drop(published);
+        self.lock_readers()
+            .iter_mut()
+            .for_each(|r| r.delivered.flush());
+        self.lock_sinks()
+            .iter_mut()
+            .for_each(|s| s.delivered.flush());
     }
 
     pub fn publication(&self) -> Option<Publication> {
@@ -330,12 +353,25 @@ impl Hub {
     pub fn publish(&self, publication: Publication, frame: Frame) {
         let now_ms = self.created.elapsed().as_millis() as u64;
         self.last_frame_ms.store(now_ms, Ordering::Relaxed);
+        let count = now_ms >= self.counted_ms.load(Ordering::Relaxed) + COUNT_INTERVAL_MS;
+        if count {
+            self.counted_ms.store(now_ms, Ordering::Relaxed);
+        }
         let codec = frame.codec();
-        self.published[codec_index(codec)].increment(1);
+        {
+            let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
+            published[codec_index(codec)].add(1);
+            if count {
+                published.iter_mut().for_each(Tally::flush);
+            }
+        }
         let video = codec.kind() == TrackKind::Video;
         let mut want_keyframe = false;
         let mut readers = self.lock_readers();
         readers.retain_mut(|r| {
+            if count {
+                r.delivered.flush();
+            }
             if !r.codecs.contains(&codec) {
                 return true;
             }
@@ -356,7 +392,7 @@ impl Hub {
             };
             match r.tx.try_send(item) {
                 Ok(()) => {
-                    r.delivered.increment(1);
+                    r.delivered.add(1);
                     if r.dropped > 0 {
                         tracing::warn!(stream = %self.name, reader = r.name, dropped = r.dropped, "reader is too slow, discarded frames");
                         r.dropped = 0;
@@ -380,6 +416,9 @@ impl Hub {
         drop(readers);
         let mut sinks = self.lock_sinks();
         self.run_locked(&mut sinks, |s| {
+            if count {
+                s.delivered.flush();
+            }
             if !s.codecs.contains(&codec) {
                 return;
             }
@@ -387,7 +426,7 @@ impl Hub {
                 want_keyframe = true;
                 return;
             }
-            s.delivered.increment(1);
+            s.delivered.add(1);
             s.sink.frame(HubFrame {
                 publication,
                 frame: frame.clone(),

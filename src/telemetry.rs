@@ -1,7 +1,9 @@
 //! Prometheus metrics. The recorder is installed once per process, by
 //! whoever needs it first (the router, a hub, the WebRTC driver), so no
 //! metric is registered with the no-op recorder. Hot paths keep [`Counter`]
-//! handles: an increment is one atomic add, no lookup by name.
+//! handles: an increment is one atomic add, no lookup by name. Per-frame
+//! counts go through a [`Tally`], which adds to the counter about once a
+//! second.
 
 use std::sync::{LazyLock, OnceLock};
 
@@ -227,6 +229,42 @@ pub fn codec_name(codec: Codec) -> &'static str {
     }
 }
 
+/// A [`Counter`] on a per-frame path: counts in a plain integer, and adds
+/// the sum to the counter when [`Tally::flush`]ed (the hub does about once
+/// a second) and when dropped. A counter handle is two atomics in memory of
+/// their own, no longer in the cache by a stream's next frame: at 100
+/// streams, the hub's three increments per frame took 2% of the server's
+/// CPU.
+pub struct Tally {
+    counter: Counter,
+    pending: u64,
+}
+
+impl Tally {
+    pub fn new(counter: Counter) -> Self {
+        Self {
+            counter,
+            pending: 0,
+        }
+    }
+
+    pub fn add(&mut self, n: u64) {
+        self.pending += n;
+    }
+
+    pub fn flush(&mut self) {
+        if self.pending > 0 {
+            self.counter.increment(std::mem::take(&mut self.pending));
+        }
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
 /// Frames of `codec` published on `stream`.
 pub fn frames_published(stream: &str, codec: Codec) -> Counter {
     handle();
@@ -347,5 +385,21 @@ mod tests {
             assert!(text.contains("whipgate_process_resident_memory_bytes "));
             assert!(text.contains("whipgate_process_cpu_seconds_total "));
         }
+    }
+
+    #[test]
+    fn a_tally_reaches_its_counter_when_flushed_and_when_dropped() {
+        let line = |n: u32| {
+            format!(r#"whipgate_frames_delivered_total{{stream="tally",reader="unit"}} {n}"#)
+        };
+        let mut tally = Tally::new(frames_delivered("tally", "unit"));
+        tally.add(3);
+        assert!(!render().contains(&line(3)), "not before the flush");
+        tally.flush();
+        assert!(render().contains(&line(3)));
+        tally.flush();
+        tally.add(2);
+        drop(tally);
+        assert!(render().contains(&line(5)), "{}", render());
     }
 }
