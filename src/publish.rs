@@ -1193,6 +1193,8 @@ struct Driver<'a> {
 }
 
 const FRAME_QUEUE: usize = 64;
+/// Frames a session writes back to back before it lets the runtime run others.
+const MAX_BURST: usize = 8;
 /// How long a lost ICE connection may take to come back.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(5);
 
@@ -1244,6 +1246,7 @@ impl Driver<'_> {
         let mut next_progress = tokio::time::Instant::now() + self.opts.progress_interval;
         let mut eof = false;
         let mut restart_after = self.opts.ice_restart_after;
+        let mut burst = 0;
 
         loop {
             let timeout = self
@@ -1261,6 +1264,31 @@ impl Driver<'_> {
                 break;
             }
             let connected = media_start.is_some();
+            // A frame that is due goes out now, without a trip through the
+            // runtime's timers (a few at a time, so a late session does not
+            // keep its worker from the others).
+            if let Some(start) = media_start
+                && burst < MAX_BURST
+            {
+                if pending.is_none()
+                    && !eof
+                    && let Some(next) = frames.try_next()
+                {
+                    match next {
+                        Some(frame) => pending = Some(frame),
+                        None => {
+                            eof = true;
+                            continue;
+                        }
+                    }
+                }
+                if let Some(frame) = pending.take_if(|f| start + f.send_at <= Instant::now()) {
+                    burst += 1;
+                    self.write(frame, start)?;
+                    continue;
+                }
+            }
+            burst = 0;
             let restart_due = media_start
                 .zip(restart_after)
                 .map(|(start, after)| tokio::time::Instant::from_std(start + after));
@@ -1388,13 +1416,26 @@ impl Driver<'_> {
         disconnected_since: &mut Option<tokio::time::Instant>,
         media_start: &mut Option<Instant>,
     ) -> anyhow::Result<Instant> {
+        let mut immediate = 0;
         loop {
             match self
                 .rtc
                 .poll_output()
                 .map_err(|e| anyhow!("WebRTC error: {e}"))?
             {
-                Output::Timeout(t) => return Ok(t),
+                Output::Timeout(t) => {
+                    // Work due now (a frame just written, to packetize) is
+                    // done at once, not after a trip through the runtime's
+                    // timers; a few rounds at most.
+                    let now = Instant::now();
+                    if t > now || immediate == MAX_BURST {
+                        return Ok(t);
+                    }
+                    immediate += 1;
+                    self.rtc
+                        .handle_input(Input::Timeout(now))
+                        .map_err(|e| anyhow!("WebRTC error: {e}"))?;
+                }
                 Output::Transmit(t) if t.proto == Protocol::Tcp => {
                     let n = t.contents.len();
                     let Some(tcp) = self.tcp.as_mut() else {
@@ -1628,6 +1669,18 @@ impl Frames {
         match self {
             Self::Channel(rx) => rx.recv().await,
             Self::Clip(c) => c.next(),
+        }
+    }
+
+    /// [`Frames::next`] when it is ready without waiting.
+    fn try_next(&mut self) -> Option<Option<MediaFrame>> {
+        match self {
+            Self::Channel(rx) => match rx.try_recv() {
+                Ok(f) => Some(Some(f)),
+                Err(mpsc::error::TryRecvError::Empty) => None,
+                Err(mpsc::error::TryRecvError::Disconnected) => Some(None),
+            },
+            Self::Clip(c) => Some(c.next()),
         }
     }
 }
