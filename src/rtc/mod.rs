@@ -7,6 +7,7 @@ pub mod ingest;
 pub mod offer;
 pub mod tcp;
 pub mod trickle;
+mod udp;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -97,9 +98,7 @@ impl RtcHandle {
                     }
                 };
                 runtime.block_on(async move {
-                    let driver = tokio::net::UdpSocket::from_std(socket).and_then(|socket| {
-                        Driver::new(socket, tcp, candidate_ips, idle_timeout, rx, weak)
-                    });
+                    let driver = Driver::new(socket, tcp, candidate_ips, idle_timeout, rx, weak);
                     match driver {
                         Ok(driver) => {
                             let _ = ready_tx.send(Ok(()));
