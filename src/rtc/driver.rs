@@ -281,6 +281,7 @@ impl Driver {
                     } else {
                         empty_reads += 1;
                         if empty_reads >= IDLE_TICKS {
+                            empty_reads = 0;
                             waiting = self.watch_socket();
                         }
                     }
