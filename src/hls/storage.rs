@@ -15,7 +15,7 @@
 //! an output asks [`open`] for its directory's uploader. Without `install`
 //! (unit tests) outputs write to their local directory, as before.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::path::{Component, Path, PathBuf};
 use std::pin::Pin;
@@ -109,11 +109,13 @@ const SPARE_AGE: Duration = Duration::from_secs(10);
 /// this covers [`SPARE_AGE`] of 1 s segments.
 const MAX_SPARES: usize = 24;
 
-/// A directory's spare files, oldest first, with when each was retired.
+/// A directory's spare files, oldest first, with when each was retired,
+/// and the names written there and not deleted since.
 #[derive(Default)]
 struct Spares {
     files: VecDeque<(PathBuf, Instant)>,
     next: u64,
+    present: HashSet<String>,
 }
 
 impl Spares {
@@ -178,19 +180,22 @@ fn put_file(
     data: &[u8],
 ) -> Result<(), StorageError> {
     let path = dir.join(name);
-    let tmp = lock(spares).take(dir, age);
+    let (tmp, replacing) = {
+        let mut spares = lock(spares);
+        (spares.take(dir, age), spares.present.contains(name))
+    };
     let written = std::fs::write(&tmp, data)
         .map_err(io(&tmp))
-        .and_then(|()| swap_in(&tmp, &path).map_err(io(&path)));
+        .and_then(|()| swap_in(&tmp, &path, replacing).map_err(io(&path)));
     match written {
-        // `tmp` now holds the file `name` had.
-        Ok(true) => {
-            if let Some(extra) = lock(spares).keep(tmp) {
-                let _ = std::fs::remove_file(extra);
+        Ok(swapped) => {
+            lock(spares).present.insert(name.to_owned());
+            // `tmp` now holds the file `name` had.
+            if swapped {
+                retire(spares, tmp);
             }
             Ok(())
         }
-        Ok(false) => Ok(()),
         Err(e) => {
             let _ = std::fs::remove_file(&tmp);
             Err(e)
@@ -198,11 +203,22 @@ fn put_file(
     }
 }
 
-/// Moves `tmp` to `path` atomically. True when `path` existed and its file
-/// was swapped into `tmp`.
-fn swap_in(tmp: &Path, path: &Path) -> std::io::Result<bool> {
+/// Keeps `file` as a spare, unlinking the oldest when there are too many.
+fn retire(spares: &Mutex<Spares>, file: PathBuf) {
+    let extra = lock(spares).keep(file);
+    if let Some(extra) = extra {
+        let _ = std::fs::remove_file(extra);
+    }
+}
+
+/// Moves `tmp` to `path` atomically. When `replacing` (a file is expected
+/// at `path`), swaps the two where the file system can, and returns true:
+/// `tmp` then holds the file `path` had.
+fn swap_in(tmp: &Path, path: &Path, replacing: bool) -> std::io::Result<bool> {
+    #[cfg(not(target_os = "linux"))]
+    let _ = replacing;
     #[cfg(target_os = "linux")]
-    {
+    if replacing {
         use rustix::fs::{CWD, RenameFlags, renameat_with};
         use rustix::io::Errno;
         match renameat_with(CWD, tmp, CWD, path, RenameFlags::EXCHANGE) {
@@ -226,12 +242,11 @@ fn delete_file(dir: &Path, spares: &Mutex<Spares>, name: &str) -> Result<(), Sto
         Some(spare) => std::fs::rename(&path, spare),
         None => std::fs::remove_file(&path),
     };
+    lock(spares).present.remove(name);
     match result {
         Ok(()) => {
-            if let Some(spare) = spare
-                && let Some(extra) = lock(spares).keep(spare)
-            {
-                let _ = std::fs::remove_file(extra);
+            if let Some(spare) = spare {
+                retire(spares, spare);
             }
             Ok(())
         }
@@ -257,7 +272,11 @@ impl Storage for LocalDir {
 
     fn clear(&self) -> StorageFuture<'_> {
         Box::pin(async move {
-            lock(&self.spares).files.clear();
+            {
+                let mut spares = lock(&self.spares);
+                spares.files.clear();
+                spares.present.clear();
+            }
             match tokio::fs::remove_dir_all(&self.dir).await {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     return Err(io(&self.dir)(e));
