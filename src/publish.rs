@@ -1193,7 +1193,8 @@ struct Driver<'a> {
 }
 
 const FRAME_QUEUE: usize = 64;
-/// Frames a session writes back to back before it lets the runtime run others.
+/// Frames a session writes back to back, and rounds of due work it gives
+/// str0m at once, before it lets the runtime run others.
 const MAX_BURST: usize = 8;
 /// How long a lost ICE connection may take to come back.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(5);

@@ -625,6 +625,14 @@ mod tests {
         names
     }
 
+    /// Puts `data` as `name` through `uploader`, which must succeed.
+    async fn put(uploader: &Uploader, name: &str, data: &'static [u8]) {
+        assert!(
+            uploader.put(name, Bytes::from_static(data), &span()).await,
+            "put {name}"
+        );
+    }
+
     fn inode(path: &Path) -> u64 {
         use std::os::unix::fs::MetadataExt;
         std::fs::metadata(path).unwrap().ino()
@@ -639,43 +647,23 @@ mod tests {
             0,
         );
         assert!(reuse.clear(&span()).await);
-        assert!(
-            reuse
-                .put("seg0.ts", Bytes::from_static(b"first segment"), &span())
-                .await
-        );
+        put(&reuse, "seg0.ts", b"first segment").await;
         let seg0 = inode(&dir.join("seg0.ts"));
         assert!(reuse.delete("seg0.ts", &span()).await);
         assert!(!dir.join("seg0.ts").exists());
         // The next file is the deleted one's inode, truncated and rewritten.
-        assert!(
-            reuse
-                .put("seg1.ts", Bytes::from_static(b"2nd"), &span())
-                .await
-        );
+        put(&reuse, "seg1.ts", b"2nd").await;
         assert_eq!(inode(&dir.join("seg1.ts")), seg0);
         assert_eq!(std::fs::read(dir.join("seg1.ts")).unwrap(), b"2nd");
         // A replaced playlist's file becomes a spare too.
-        assert!(
-            reuse
-                .put("index.m3u8", Bytes::from_static(b"#EXTM3U\n1"), &span())
-                .await
-        );
+        put(&reuse, "index.m3u8", b"#EXTM3U\n1").await;
         let playlist = inode(&dir.join("index.m3u8"));
-        assert!(
-            reuse
-                .put("index.m3u8", Bytes::from_static(b"#EXTM3U\n2"), &span())
-                .await
-        );
+        put(&reuse, "index.m3u8", b"#EXTM3U\n2").await;
         assert_eq!(
             std::fs::read(dir.join("index.m3u8")).unwrap(),
             b"#EXTM3U\n2"
         );
-        assert!(
-            reuse
-                .put("seg2.ts", Bytes::from_static(b"3rd"), &span())
-                .await
-        );
+        put(&reuse, "seg2.ts", b"3rd").await;
         assert_eq!(inode(&dir.join("seg2.ts")), playlist);
         assert_eq!(std::fs::read(dir.join("seg2.ts")).unwrap(), b"3rd");
         reuse.finish(&span()).await;
@@ -690,17 +678,11 @@ mod tests {
         let dir = tmp.path().join("cam2");
         let wait = Uploader::new(Arc::new(LocalDir::new(dir.clone())), 0);
         assert!(wait.clear(&span()).await);
-        assert!(
-            wait.put("seg0.ts", Bytes::from_static(b"first segment"), &span())
-                .await
-        );
+        put(&wait, "seg0.ts", b"first segment").await;
         let first = inode(&dir.join("seg0.ts"));
         let mut open = std::fs::File::open(dir.join("seg0.ts")).unwrap();
         assert!(wait.delete("seg0.ts", &span()).await);
-        assert!(
-            wait.put("seg1.ts", Bytes::from_static(b"2nd"), &span())
-                .await
-        );
+        put(&wait, "seg1.ts", b"2nd").await;
         assert_ne!(inode(&dir.join("seg1.ts")), first);
         let mut read = Vec::new();
         std::io::Read::read_to_end(&mut open, &mut read).unwrap();

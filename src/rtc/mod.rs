@@ -80,9 +80,9 @@ impl RtcHandle {
         let (tx, rx) = mpsc::channel(1024);
         let weak = tx.downgrade();
         // The driver has a thread and a single-threaded runtime of its own:
-        // it wakes for nearly every datagram, and on the shared runtime each
-        // wake-up also woke a second worker to steal work that was not
-        // there. Everything it hands off goes through channels.
+        // it wakes every few milliseconds under load, and on the shared
+        // runtime each wake-up also woke a second worker to steal work that
+        // was not there. Everything it hands off goes through channels.
         let (ready_tx, ready) = oneshot::channel();
         std::thread::Builder::new()
             .name("webrtc-driver".into())
