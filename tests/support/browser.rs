@@ -145,8 +145,10 @@ impl Browser {
             json!({ "enabled": true }),
         )
         .await?;
+        // A new window starts on about:blank, itself `complete`, before the
+        // navigation to `url` commits: wait for the page itself.
         page.wait_for(
-            "document.readyState === 'complete'",
+            "location.protocol !== 'about:' && document.readyState === 'complete'",
             Duration::from_secs(20),
         )
         .await?;
