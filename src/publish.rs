@@ -1196,6 +1196,16 @@ const FRAME_QUEUE: usize = 64;
 /// Frames a session writes back to back, and rounds of due work it gives
 /// str0m at once, before it lets the runtime run others.
 const MAX_BURST: usize = 8;
+/// Sessions' timers and frames are due on the lines of one grid with this
+/// step, so a hundred sessions wake the runtime together instead of one by
+/// one: a frame leaves at most this much late.
+const WAKE_STEP: Duration = Duration::from_millis(5);
+
+fn wake_grid() -> &'static crate::rtc::TimerGrid {
+    static GRID: std::sync::OnceLock<crate::rtc::TimerGrid> = std::sync::OnceLock::new();
+    GRID.get_or_init(|| crate::rtc::TimerGrid::new(WAKE_STEP))
+}
+
 /// How long a lost ICE connection may take to come back.
 const DISCONNECT_GRACE: Duration = Duration::from_secs(5);
 
@@ -1248,6 +1258,10 @@ impl Driver<'_> {
         let mut eof = false;
         let mut restart_after = self.opts.ice_restart_after;
         let mut burst = 0;
+        // One timer for str0m's next timeout and the next frame, reset only
+        // when its deadline moves.
+        let wake = tokio::time::sleep_until(tokio::time::Instant::now());
+        tokio::pin!(wake);
 
         loop {
             let timeout = self
@@ -1293,10 +1307,14 @@ impl Driver<'_> {
             let restart_due = media_start
                 .zip(restart_after)
                 .map(|(start, after)| tokio::time::Instant::from_std(start + after));
-            let due = match (&pending, media_start) {
-                (Some(f), Some(start)) => start + f.send_at,
-                _ => Instant::now() + Duration::from_secs(3600),
+            let next = match (&pending, media_start) {
+                (Some(f), Some(start)) => timeout.min(start + f.send_at),
+                _ => timeout,
             };
+            let at = tokio::time::Instant::from_std(wake_grid().place(next, Instant::now()));
+            if wake.deadline() != at {
+                wake.as_mut().reset(at);
+            }
 
             tokio::select! {
                 biased;
@@ -1329,14 +1347,13 @@ impl Driver<'_> {
                 Some((source, data)) = tcp_recv(&mut self.tcp) => {
                     self.receive(&data, source, Protocol::Tcp)?;
                 }
-                _ = tokio::time::sleep_until(timeout.into()) => {
-                    self.rtc
-                        .handle_input(Input::Timeout(Instant::now()))
-                        .map_err(|e| anyhow!("WebRTC error: {e}"))?;
-                }
-                _ = tokio::time::sleep_until(due.into()), if pending.is_some() && connected => {
-                    if let (Some(frame), Some(start)) = (pending.take(), media_start) {
-                        self.write(frame, start)?;
+                _ = &mut wake => {
+                    // A due frame goes out at the top of the loop.
+                    let now = Instant::now();
+                    if timeout <= now {
+                        self.rtc
+                            .handle_input(Input::Timeout(now))
+                            .map_err(|e| anyhow!("WebRTC error: {e}"))?;
                     }
                 }
                 f = frames.next(), if pending.is_none() && connected && !eof => match f {

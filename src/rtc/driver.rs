@@ -27,7 +27,7 @@ use super::ingest::Ingest;
 use super::offer::{self, Accepted};
 use super::tcp::TcpEvent;
 use super::udp::{Clocks, Udp};
-use super::{Created, RtcError};
+use super::{Created, RtcError, TimerGrid};
 use crate::hub::{Hub, IngressStats, KeyframeRequester, Publication};
 use crate::media::frame::{Codec as FrameCodec, TrackKind};
 use crate::telemetry::{self, PacketDrop};
@@ -191,8 +191,8 @@ pub(super) struct Driver {
     /// The earliest session deadline: until then only the sessions that
     /// datagrams reach are run.
     next_due: Instant,
-    /// Where the [`TIMER_GRID`] lines are counted from.
-    epoch: Instant,
+    /// Session timers move up to its lines.
+    grid: TimerGrid,
     commands: mpsc::Receiver<Command>,
     commands_tx: mpsc::WeakSender<Command>,
 }
@@ -224,7 +224,7 @@ impl Driver {
             cert,
             idle_timeout,
             next_due: Instant::now(),
-            epoch: Instant::now(),
+            grid: TimerGrid::new(TIMER_GRID),
             commands,
             commands_tx,
         })
@@ -599,7 +599,7 @@ impl Driver {
     /// send is queued in `out`.
     fn run_sessions(&mut self, now: Instant, touched: Option<Key>, out: &mut Vec<Outgoing>) {
         let mut dead = Vec::new();
-        let timing = (self.idle_timeout, self.epoch);
+        let timing = (self.idle_timeout, self.grid);
         if now < self.next_due {
             if let Some(key) = touched
                 && let Some(s) = self.sessions.get_mut(&key)
@@ -658,7 +658,7 @@ fn step(
     s: &mut Session,
     now: Instant,
     due: bool,
-    (idle_timeout, epoch): (Duration, Instant),
+    (idle_timeout, grid): (Duration, TimerGrid),
     out: &mut Vec<Outgoing>,
 ) -> bool {
     if now.duration_since(s.last_input) > idle_timeout {
@@ -672,7 +672,7 @@ fn step(
     match poll_session(s, now, due, out) {
         // Wake up at least every MAX_SLEEP for the idle check.
         Ok(Some(t)) => {
-            s.next_timeout = on_grid(t.min(now + MAX_SLEEP), now, epoch);
+            s.next_timeout = grid.place(t.min(now + MAX_SLEEP), now);
             true
         }
         Ok(None) => false,
@@ -681,17 +681,6 @@ fn step(
             false
         }
     }
-}
-
-/// `t` moved up to the next [`TIMER_GRID`] line counted from `epoch`; a
-/// deadline that is already due stays as it is.
-fn on_grid(t: Instant, now: Instant, epoch: Instant) -> Instant {
-    if t <= now {
-        return t;
-    }
-    let grid = TIMER_GRID.as_nanos();
-    let lines = t.saturating_duration_since(epoch).as_nanos().div_ceil(grid);
-    epoch + Duration::from_nanos(u64::try_from(lines * grid).unwrap_or(u64::MAX))
 }
 
 /// A packet for the network: data, destination, transport.
@@ -1036,23 +1025,6 @@ mod tests {
     use super::*;
     use crate::rtc::offer;
     use str0m::media::Direction;
-
-    #[test]
-    fn timers_move_up_to_the_grid_and_due_ones_stay() {
-        let epoch = Instant::now();
-        let now = epoch + Duration::from_millis(1000);
-        let ms = |n| epoch + Duration::from_millis(n);
-        assert_eq!(on_grid(ms(1001), now, epoch), ms(1020));
-        assert_eq!(on_grid(ms(1033), now, epoch), ms(1040));
-        assert_eq!(on_grid(ms(1040), now, epoch), ms(1040), "on a line already");
-        assert_eq!(on_grid(ms(995), now, epoch), ms(995), "due: not delayed");
-        assert_eq!(on_grid(now, now, epoch), now);
-        // Never more than one grid step late.
-        for n in 1001..1200 {
-            let t = on_grid(ms(n), now, epoch);
-            assert!(t >= ms(n) && t - ms(n) < TIMER_GRID, "{n}");
-        }
-    }
 
     /// A real offer from a (non-lite) str0m client sending H264 and Opus.
     fn client_offer() -> String {

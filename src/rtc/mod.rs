@@ -11,7 +11,7 @@ mod udp;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::RngCore;
 use tokio::sync::{mpsc, oneshot};
@@ -30,6 +30,37 @@ pub enum RtcError {
     Gone,
     #[error("no such session")]
     UnknownSession,
+}
+
+/// Lines every `step` from a fixed start. Deadlines moved up to a line fall
+/// together, so many sessions' timers take one wake-up instead of one each.
+#[derive(Debug, Clone, Copy)]
+pub struct TimerGrid {
+    epoch: Instant,
+    step: Duration,
+}
+
+impl TimerGrid {
+    pub fn new(step: Duration) -> Self {
+        Self {
+            epoch: Instant::now(),
+            step,
+        }
+    }
+
+    /// `t` moved up to the next line; a deadline that is already due stays
+    /// as it is.
+    pub fn place(&self, t: Instant, now: Instant) -> Instant {
+        if t <= now {
+            return t;
+        }
+        let step = self.step.as_nanos();
+        let lines = t
+            .saturating_duration_since(self.epoch)
+            .as_nanos()
+            .div_ceil(step);
+        self.epoch + Duration::from_nanos(u64::try_from(lines * step).unwrap_or(u64::MAX))
+    }
 }
 
 /// What a new session answers.
@@ -245,4 +276,27 @@ pub fn random_id(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     rand::rng().fill_bytes(&mut buf);
     hex::encode(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timers_move_up_to_the_grid_and_due_ones_stay() {
+        let grid = TimerGrid::new(Duration::from_millis(20));
+        let epoch = grid.epoch;
+        let now = epoch + Duration::from_millis(1000);
+        let ms = |n| epoch + Duration::from_millis(n);
+        assert_eq!(grid.place(ms(1001), now), ms(1020));
+        assert_eq!(grid.place(ms(1033), now), ms(1040));
+        assert_eq!(grid.place(ms(1040), now), ms(1040), "on a line already");
+        assert_eq!(grid.place(ms(995), now), ms(995), "due: not delayed");
+        assert_eq!(grid.place(now, now), now);
+        // Never more than one step late.
+        for n in 1001..1200 {
+            let t = grid.place(ms(n), now);
+            assert!(t >= ms(n) && t - ms(n) < grid.step, "{n}");
+        }
+    }
 }
