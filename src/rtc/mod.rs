@@ -167,21 +167,17 @@ impl RtcHandle {
         publication: Publication,
         on_close: Box<dyn FnOnce() + Send>,
     ) -> Result<Created, RtcError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Create {
-                id,
-                offer,
-                accepted,
-                hub,
-                layers,
-                publication,
-                on_close,
-                reply,
-            })
-            .await
-            .map_err(|_| RtcError::Gone)?;
-        rx.await.map_err(|_| RtcError::Gone)?
+        self.ask(|reply| Command::Create {
+            id,
+            offer,
+            accepted,
+            hub,
+            layers,
+            publication,
+            on_close,
+            reply,
+        })
+        .await
     }
 
     /// Hands trickled remote candidates (canonical `candidate:` values from
@@ -193,17 +189,13 @@ impl RtcHandle {
         candidates: Vec<String>,
         end_of_candidates: bool,
     ) -> Result<usize, RtcError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Command::Trickle {
-                id: id.to_owned(),
-                candidates,
-                end_of_candidates,
-                reply,
-            })
-            .await
-            .map_err(|_| RtcError::Gone)?;
-        rx.await.map_err(|_| RtcError::Gone)?
+        self.ask(|reply| Command::Trickle {
+            id: id.to_owned(),
+            candidates,
+            end_of_candidates,
+            reply,
+        })
+        .await
     }
 
     /// Restarts ICE on a session with the client's new credentials and
@@ -215,15 +207,24 @@ impl RtcHandle {
         pwd: String,
         candidates: Vec<String>,
     ) -> Result<String, RtcError> {
+        self.ask(|reply| Command::IceRestart {
+            id: id.to_owned(),
+            ufrag,
+            pwd,
+            candidates,
+            reply,
+        })
+        .await
+    }
+
+    /// Sends the driver a command and waits for its reply.
+    async fn ask<T>(
+        &self,
+        command: impl FnOnce(oneshot::Sender<Result<T, RtcError>>) -> Command,
+    ) -> Result<T, RtcError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Command::IceRestart {
-                id: id.to_owned(),
-                ufrag,
-                pwd,
-                candidates,
-                reply,
-            })
+            .send(command(reply))
             .await
             .map_err(|_| RtcError::Gone)?;
         rx.await.map_err(|_| RtcError::Gone)?

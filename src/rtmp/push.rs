@@ -288,6 +288,21 @@ async fn next_input(sub: &mut Subscription, stop: &mut Stop, publication: u64) -
     }
 }
 
+/// While no connection is up, a frame goes to the probe and the GOP cache;
+/// the end of the publication, or a stop, ends the wait.
+fn hold(input: Input, probe: &mut Probe, cache: &mut GopCache, video: bool) -> Option<Outcome> {
+    match input {
+        Input::Frame(f) => {
+            probe.observe(&f);
+            cache.push(f, video);
+            None
+        }
+        Input::Nothing => None,
+        Input::Ended => Some(Outcome::Ended),
+        Input::Stop => Some(Outcome::Stop),
+    }
+}
+
 struct Worker {
     hub: Arc<Hub>,
     sub: Subscription,
@@ -368,15 +383,11 @@ impl Worker {
         // Know what we send before connecting.
         while !probe.ready() {
             tokio::select! {
-                input = self.input(publication.id) => match input {
-                    Input::Frame(f) => {
-                        probe.observe(&f);
-                        cache.push(f, publication.video);
+                input = self.input(publication.id) => {
+                    if let Some(end) = hold(input, &mut probe, &mut cache, publication.video) {
+                        return end;
                     }
-                    Input::Nothing => {}
-                    Input::Ended => return Outcome::Ended,
-                    Input::Stop => return Outcome::Stop,
-                },
+                }
                 _ = tokio::time::sleep_until(probe_deadline) => break,
             }
         }
@@ -411,15 +422,11 @@ impl Worker {
                             Ok(r) => r,
                             Err(_) => Err(PushError::Timeout("connecting")),
                         },
-                        input = next_input(&mut self.sub, &mut self.stop, publication.id) => match input {
-                            Input::Frame(f) => {
-                                probe.observe(&f);
-                                cache.push(f, publication.video);
+                        input = next_input(&mut self.sub, &mut self.stop, publication.id) => {
+                            if let Some(end) = hold(input, &mut probe, &mut cache, publication.video) {
+                                return end;
                             }
-                            Input::Nothing => {}
-                            Input::Ended => return Outcome::Ended,
-                            Input::Stop => return Outcome::Stop,
-                        },
+                        }
                     }
                 }
             };
@@ -456,15 +463,11 @@ impl Worker {
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep_until(wake) => break,
-                    input = self.input(publication.id) => match input {
-                        Input::Frame(f) => {
-                            probe.observe(&f);
-                            cache.push(f, publication.video);
+                    input = self.input(publication.id) => {
+                        if let Some(end) = hold(input, &mut probe, &mut cache, publication.video) {
+                            return end;
                         }
-                        Input::Nothing => {}
-                        Input::Ended => return Outcome::Ended,
-                        Input::Stop => return Outcome::Stop,
-                    },
+                    }
                 }
             }
         }
