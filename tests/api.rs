@@ -11,7 +11,7 @@ use reqwest::{Client, Method, StatusCode, header};
 use serde_json::{Value, json};
 use support::nginx::Nginx;
 use support::server::Server;
-use support::webrtc_publisher::{PublishOpts, extract_sample, publish};
+use support::webrtc_publisher::{PublishOpts, publish};
 use support::whip_http::{PROBLEM_JSON, client, detail, expect_problem, header_str};
 
 const API_TOKEN: &str = "api-token-0123456789";
@@ -76,16 +76,11 @@ async fn wait_stream(
 }
 
 fn publish_opts(server: &Server, stream: &str, secs: u64, dir: &std::path::Path) -> PublishOpts {
-    let (h264, ogg) = extract_sample(dir).expect("sample");
+    let url = server.url(&format!("/whip/{stream}"));
     PublishOpts {
-        url: server.url(&format!("/whip/{stream}")),
         token: Some(STREAM_TOKEN.to_owned()),
-        h264_annexb: h264,
-        ogg_opus: ogg,
-        duration: Duration::from_secs(secs),
-        video: true,
-        audio: true,
         delete_at_end: false,
+        ..PublishOpts::sample(url, dir, Duration::from_secs(secs))
     }
 }
 

@@ -9,20 +9,11 @@ use std::time::{Duration, Instant};
 
 use support::hls_check::{Expect, check_hls, ended_playlist};
 use support::server::{Server, publish_cli, read_playlist, sample_mkv, wait_for};
-use support::webrtc_publisher::{PublishOpts, extract_sample, publish};
+use support::webrtc_publisher::{PublishOpts, publish};
 
-fn opts(server: &Server, stream: &str, dir: &Path, secs: u64) -> anyhow::Result<PublishOpts> {
-    let (h264, ogg) = extract_sample(dir)?;
-    Ok(PublishOpts {
-        url: server.url(&format!("/whip/{stream}")),
-        token: None,
-        h264_annexb: h264,
-        ogg_opus: ogg,
-        duration: Duration::from_secs(secs),
-        video: true,
-        audio: true,
-        delete_at_end: true,
-    })
+fn opts(server: &Server, stream: &str, dir: &Path, secs: u64) -> PublishOpts {
+    let url = server.url(&format!("/whip/{stream}"));
+    PublishOpts::sample(url, dir, Duration::from_secs(secs))
 }
 
 fn av(sent_secs: f64) -> Expect<'static> {
@@ -38,7 +29,7 @@ fn av(sent_secs: f64) -> Expect<'static> {
 async fn webrtc_rs_publication_becomes_clean_hls() {
     let server = Server::start("").unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let o = opts(&server, "cam", tmp.path(), 8).unwrap();
+    let o = opts(&server, "cam", tmp.path(), 8);
     let started = Instant::now();
     let hls_dir = server.hls_dir("cam");
     // Watch for the first playlist while publishing, to measure latency.
@@ -83,9 +74,9 @@ async fn whipgate_publish_cli_becomes_clean_hls() {
 async fn audio_only_and_video_only_publications_have_just_their_track() {
     let server = Server::start("").unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let mut audio = opts(&server, "audio", tmp.path(), 5).unwrap();
+    let mut audio = opts(&server, "audio", tmp.path(), 5);
     audio.video = false;
-    let mut video = opts(&server, "video", tmp.path(), 5).unwrap();
+    let mut video = opts(&server, "video", tmp.path(), 5);
     video.audio = false;
     let (a, v) = tokio::join!(publish(audio), publish(video));
     a.unwrap();
@@ -104,11 +95,11 @@ async fn audio_only_and_video_only_publications_have_just_their_track() {
 async fn publisher_coming_back_continues_with_a_discontinuity() {
     let server = Server::start("").unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    publish(opts(&server, "again", tmp.path(), 4).unwrap())
+    publish(opts(&server, "again", tmp.path(), 4))
         .await
         .unwrap();
     let first = ended_playlist(&server, "again").await;
-    publish(opts(&server, "again", tmp.path(), 4).unwrap())
+    publish(opts(&server, "again", tmp.path(), 4))
         .await
         .unwrap();
     let playlist = check_hls(&server, "again", av(8.0)).await;
@@ -124,13 +115,13 @@ async fn vanished_publisher_is_replaced_and_sigterm_ends_playlists() {
     let mut server = Server::start("").unwrap();
     let tmp = tempfile::tempdir().unwrap();
     // A publisher that disappears without DELETE.
-    let mut gone = opts(&server, "live", tmp.path(), 3).unwrap();
+    let mut gone = opts(&server, "live", tmp.path(), 3);
     gone.delete_at_end = false;
     publish(gone).await.unwrap();
     // A new publisher on the same stream gets in once the old one is
     // detected as gone (ICE/DTLS close, or media stopped: stale takeover).
     let started = Instant::now();
-    let mut next = opts(&server, "live", tmp.path(), 30).unwrap();
+    let mut next = opts(&server, "live", tmp.path(), 30);
     next.delete_at_end = false;
     let publisher = tokio::spawn(async move {
         loop {
@@ -167,9 +158,7 @@ async fn vanished_publisher_is_replaced_and_sigterm_ends_playlists() {
 async fn sliding_window_deletes_old_segments_and_serves_hls_headers() {
     let server = Server::start("[hls]\nplaylist_size = 2\nkeep_extra = 1\n").unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    publish(opts(&server, "win", tmp.path(), 10).unwrap())
-        .await
-        .unwrap();
+    publish(opts(&server, "win", tmp.path(), 10)).await.unwrap();
     let playlist = ended_playlist(&server, "win").await;
     let listed: Vec<_> = playlist.segments.iter().map(|s| s.0.as_str()).collect();
     assert_eq!(listed, ["seg3.ts", "seg4.ts"], "{playlist:?}");
@@ -309,8 +298,8 @@ async fn preset_audio_modes_shape_the_hls() {
     let tmp = tempfile::tempdir().unwrap();
     // Both publish H264 + Opus.
     let (copy_all, audio_only) = tokio::join!(
-        publish(opts(&server, "opus", tmp.path(), 5).unwrap()),
-        publish(opts(&server, "radio", tmp.path(), 5).unwrap()),
+        publish(opts(&server, "opus", tmp.path(), 5)),
+        publish(opts(&server, "radio", tmp.path(), 5)),
     );
     copy_all.unwrap();
     audio_only.unwrap();

@@ -16,16 +16,8 @@ use support::webrtc_publisher::{
 };
 
 fn opts(server: &Server, stream: &str, h264: PathBuf, ogg: PathBuf, secs: u64) -> PublishOpts {
-    PublishOpts {
-        url: server.url(&format!("/whip/{stream}")),
-        token: None,
-        h264_annexb: h264,
-        ogg_opus: ogg,
-        duration: Duration::from_secs(secs),
-        video: true,
-        audio: true,
-        delete_at_end: true,
-    }
+    let url = server.url(&format!("/whip/{stream}"));
+    PublishOpts::new(url, (h264, ogg), Duration::from_secs(secs))
 }
 
 /// Runs a command and returns its stdout; fails on a non-zero exit.

@@ -8,20 +8,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use support::hls_check::{Expect, LlPlaylist, check_hls, check_hls_target, parse_ll_playlist};
 use support::server::{Server, sample_mkv};
-use support::webrtc_publisher::{PublishOpts, extract_sample, publish};
+use support::webrtc_publisher::{PublishOpts, publish};
 
 fn opts(server: &Server, stream: &str, dir: &std::path::Path, secs: u64) -> PublishOpts {
-    let (h264, ogg) = extract_sample(dir).unwrap();
-    PublishOpts {
-        url: server.url(&format!("/whip/{stream}")),
-        token: None,
-        h264_annexb: h264,
-        ogg_opus: ogg,
-        duration: Duration::from_secs(secs),
-        video: true,
-        audio: true,
-        delete_at_end: true,
-    }
+    let url = server.url(&format!("/whip/{stream}"));
+    PublishOpts::sample(url, dir, Duration::from_secs(secs))
 }
 
 fn client() -> reqwest::Client {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::server::Server;
-use support::webrtc_publisher::{PublishOpts, extract_sample, publish};
+use support::webrtc_publisher::{PublishOpts, publish};
 
 /// The JSON lines of a server log; panics on any line that is not one.
 fn json_lines(log: &str) -> Vec<Value> {
@@ -50,17 +50,11 @@ fn in_span<'a>(lines: &'a [Value], name: &str) -> Vec<&'a Value> {
 async fn json_logs_carry_session_and_stream_spans() {
     let server = Server::start_with_args("", &["--log-format", "json"]).expect("server");
     let tmp = tempfile::tempdir().unwrap();
-    let (h264, ogg) = extract_sample(tmp.path()).unwrap();
-    publish(PublishOpts {
-        url: server.url("/whip/logs"),
-        token: None,
-        h264_annexb: h264,
-        ogg_opus: ogg,
-        duration: Duration::from_secs(4),
-        video: true,
-        audio: true,
-        delete_at_end: true,
-    })
+    publish(PublishOpts::sample(
+        server.url("/whip/logs"),
+        tmp.path(),
+        Duration::from_secs(4),
+    ))
     .await
     .expect("publish");
     // The end of the publication is logged after the DELETE's answer.

@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use support::server::Server;
-use support::webrtc_publisher::{PublishOpts, extract_sample, publish};
+use support::webrtc_publisher::{PublishOpts, publish};
 
 /// Sum of the samples of `name` whose labels contain every one of `labels`
 /// (`key="value"`).
@@ -38,17 +38,11 @@ async fn metrics_move_during_a_publication_and_health_answers() {
     assert_eq!(readyz.status(), 200);
 
     let tmp = tempfile::tempdir().unwrap();
-    let (h264, ogg) = extract_sample(tmp.path()).unwrap();
-    let report = publish(PublishOpts {
-        url: server.url("/whip/m"),
-        token: None,
-        h264_annexb: h264,
-        ogg_opus: ogg,
-        duration: Duration::from_secs(4),
-        video: true,
-        audio: true,
-        delete_at_end: true,
-    })
+    let report = publish(PublishOpts::sample(
+        server.url("/whip/m"),
+        tmp.path(),
+        Duration::from_secs(4),
+    ))
     .await
     .unwrap();
     assert!(report.video_frames_sent > 0);

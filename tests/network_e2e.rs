@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use support::hls_check::{Expect, check_hls};
 use support::server::{Server, ffprobe_streams};
-use support::webrtc_publisher::{PublishOpts, extract_sample, publish};
+use support::webrtc_publisher::{PublishOpts, publish};
 use tokio::net::UdpSocket;
 
 /// What the relay saw.
@@ -115,17 +115,11 @@ async fn lost_packets_are_recovered_through_a_nat_address() {
     let port = server.udp_port;
 
     let tmp = tempfile::tempdir().unwrap();
-    let (h264, ogg) = extract_sample(tmp.path()).unwrap();
-    let report = publish(PublishOpts {
-        url: server.url("/whip/lossy"),
-        token: None,
-        h264_annexb: h264,
-        ogg_opus: ogg,
-        duration: Duration::from_secs(8),
-        video: true,
-        audio: true,
-        delete_at_end: true,
-    })
+    let report = publish(PublishOpts::sample(
+        server.url("/whip/lossy"),
+        tmp.path(),
+        Duration::from_secs(8),
+    ))
     .await
     .unwrap();
     assert!(
@@ -226,17 +220,11 @@ async fn garbage_datagrams_do_not_disturb_a_publication() {
         }
     });
     let tmp = tempfile::tempdir().unwrap();
-    let (h264, ogg) = extract_sample(tmp.path()).unwrap();
-    publish(PublishOpts {
-        url: server.url("/whip/noisy"),
-        token: None,
-        h264_annexb: h264,
-        ogg_opus: ogg,
-        duration: Duration::from_secs(5),
-        video: true,
-        audio: true,
-        delete_at_end: true,
-    })
+    publish(PublishOpts::sample(
+        server.url("/whip/noisy"),
+        tmp.path(),
+        Duration::from_secs(5),
+    ))
     .await
     .unwrap();
     noise.await.unwrap();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use support::nginx::{Nginx, check_recording, check_recording_between};
 use support::server::{Server, wait_for};
-use support::webrtc_publisher::{PublishOpts, extract_sample, publish};
+use support::webrtc_publisher::{PublishOpts, publish};
 
 async fn get_json(client: &reqwest::Client, url: &str) -> Value {
     let resp = client.get(url).send().await.unwrap();
@@ -28,17 +28,7 @@ async fn config_and_api_targets_restream_a_webrtc_publication() {
     let server = Server::start(&config).unwrap();
     let client = reqwest::Client::new();
     let tmp = tempfile::tempdir().unwrap();
-    let (h264, ogg) = extract_sample(tmp.path()).unwrap();
-    let opts = PublishOpts {
-        url: server.url("/whip/show"),
-        token: None,
-        h264_annexb: h264,
-        ogg_opus: ogg,
-        duration: Duration::from_secs(9),
-        video: true,
-        audio: true,
-        delete_at_end: true,
-    };
+    let opts = PublishOpts::sample(server.url("/whip/show"), tmp.path(), Duration::from_secs(9));
     let started = Instant::now();
     let publisher = tokio::spawn(publish(opts));
 

@@ -82,6 +82,33 @@ pub struct PublishOpts {
     pub delete_at_end: bool,
 }
 
+impl PublishOpts {
+    /// Video from `h264_annexb` and audio from `ogg_opus` to `url` for
+    /// `duration`, without a token, with a DELETE at the end.
+    pub fn new(
+        url: String,
+        (h264_annexb, ogg_opus): (PathBuf, PathBuf),
+        duration: Duration,
+    ) -> Self {
+        Self {
+            url,
+            token: None,
+            h264_annexb,
+            ogg_opus,
+            duration,
+            video: true,
+            audio: true,
+            delete_at_end: true,
+        }
+    }
+
+    /// [`PublishOpts::new`] with the sample's two tracks, extracted into `dir`.
+    pub fn sample(url: String, dir: &Path, duration: Duration) -> Self {
+        let tracks = extract_sample(dir).expect("extracting the sample's tracks");
+        Self::new(url, tracks, duration)
+    }
+}
+
 /// Less common knobs for [`publish_with`] and [`Publisher::new_with`], kept out of
 /// [`PublishOpts`] so that its struct literals stay valid.
 #[derive(Debug, Clone, Default)]
