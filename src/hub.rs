@@ -353,25 +353,16 @@ impl Hub {
     pub fn publish(&self, publication: Publication, frame: Frame) {
         let now_ms = self.created.elapsed().as_millis() as u64;
         self.last_frame_ms.store(now_ms, Ordering::Relaxed);
-        let count = now_ms >= self.counted_ms.load(Ordering::Relaxed) + COUNT_INTERVAL_MS;
-        if count {
+        if now_ms >= self.counted_ms.load(Ordering::Relaxed) + COUNT_INTERVAL_MS {
             self.counted_ms.store(now_ms, Ordering::Relaxed);
+            self.flush_counts();
         }
         let codec = frame.codec();
-        {
-            let mut published = self.published.lock().unwrap_or_else(|p| p.into_inner());
-            published[codec_index(codec)].add(1);
-            if count {
-                published.iter_mut().for_each(Tally::flush);
-            }
-        }
+        self.published.lock().unwrap_or_else(|p| p.into_inner())[codec_index(codec)].add(1);
         let video = codec.kind() == TrackKind::Video;
         let mut want_keyframe = false;
         let mut readers = self.lock_readers();
         readers.retain_mut(|r| {
-            if count {
-                r.delivered.flush();
-            }
             if !r.codecs.contains(&codec) {
                 return true;
             }
@@ -416,9 +407,6 @@ impl Hub {
         drop(readers);
         let mut sinks = self.lock_sinks();
         self.run_locked(&mut sinks, |s| {
-            if count {
-                s.delivered.flush();
-            }
             if !s.codecs.contains(&codec) {
                 return;
             }
