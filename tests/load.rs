@@ -1,6 +1,7 @@
-//! Smoke run of the load generator: `whipgate publish --sessions 4 --ramp 4` against the real
-//! server, each session publishing its own stream (`{n}` in the URL). Figures (setup times,
-//! packets) are printed by the tool, not asserted.
+//! Smoke runs of the load generator: `whipgate publish --sessions 4 --ramp 4` against the real
+//! server, each session publishing its own stream (`{n}` in the URL), with each of its two
+//! WebRTC senders (`--stack lean`, the default for load runs, and `--stack str0m`). Figures
+//! (setup times, packets) are printed by the tool, not asserted.
 
 mod support;
 
@@ -17,13 +18,23 @@ fn summary_value<'a>(stdout: &'a str, prefix: &str, key: &str) -> Option<&'a str
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn four_sessions_each_become_a_finished_hls_stream() {
+async fn four_lean_sessions_each_become_a_finished_hls_stream() {
+    four_sessions_each_become_a_finished_hls_stream("lean").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_str0m_sessions_each_become_a_finished_hls_stream() {
+    four_sessions_each_become_a_finished_hls_stream("str0m").await;
+}
+
+async fn four_sessions_each_become_a_finished_hls_stream(stack: &str) {
     let server = Server::start("").unwrap();
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_whipgate"))
         .arg("publish")
         .arg(sample_mkv())
         .arg(server.url("/whip/load{n}"))
         .args(["--sessions", "4", "--ramp", "4", "--duration", "5"])
+        .args(["--stack", stack])
         .env("WHIPGATE_LOG", "warn")
         .kill_on_drop(true)
         .output();
@@ -33,7 +44,7 @@ async fn four_sessions_each_become_a_finished_hls_stream() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("{stdout}");
+    eprintln!("--stack {stack}:\n{stdout}");
     assert!(
         out.status.success(),
         "whipgate publish: {}\n{stdout}\n{stderr}",

@@ -110,13 +110,13 @@ const MAX_BURST: usize = 8;
 /// one: a frame leaves at most this much late.
 const WAKE_STEP: Duration = Duration::from_millis(5);
 
-fn wake_grid() -> &'static crate::rtc::TimerGrid {
+pub(super) fn wake_grid() -> &'static crate::rtc::TimerGrid {
     static GRID: std::sync::OnceLock<crate::rtc::TimerGrid> = std::sync::OnceLock::new();
     GRID.get_or_init(|| crate::rtc::TimerGrid::new(WAKE_STEP))
 }
 
 /// How long a lost ICE connection may take to come back.
-const DISCONNECT_GRACE: Duration = Duration::from_secs(5);
+pub(super) const DISCONNECT_GRACE: Duration = Duration::from_secs(5);
 
 impl Driver<'_> {
     pub(super) async fn run(

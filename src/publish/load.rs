@@ -11,9 +11,10 @@ use anyhow::{Context, bail};
 use tokio::sync::watch;
 use tracing::{Instrument, info, warn};
 
+use super::lean::{self, LeanSession};
 use super::source::Clip;
 use super::{
-    PublishOptions, PublishStats, Session, Source, http_client, parse_whip_url, session_url,
+    PublishOptions, PublishStats, Session, Source, Stack, http_client, parse_whip_url, session_url,
     termination_signal,
 };
 
@@ -178,6 +179,19 @@ pub(super) async fn run_many(
         "file loaded; starting {sessions} sessions towards {}",
         opts.url
     );
+    let lean = match opts.stack {
+        Stack::Str0m => false,
+        Stack::Auto => lean::supports(&clip.info, &opts),
+        Stack::Lean if lean::supports(&clip.info, &opts) => true,
+        Stack::Lean => bail!(
+            "--stack lean sends H264 and Opus over UDP, without --ice-tcp, \
+             --ice-restart-after or --simulcast"
+        ),
+    };
+    info!(
+        "sessions use the {} sender",
+        if lean { "lean" } else { "str0m" }
+    );
     let http = http_client()?;
     let live = Arc::new(Live::default());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -222,16 +236,27 @@ pub(super) async fn run_many(
                         return;
                     }
                 };
-                let session = Session {
-                    opts: &opts,
-                    url: &url,
-                    http: &http,
-                    info: clip.info,
-                    verbose: false,
-                    live: Some(live.clone()),
-                };
                 let mut stats = PublishStats::default();
-                if let Err(e) = session.run(Source::Clip(clip), shutdown, &mut stats).await {
+                let result = if lean {
+                    let session = LeanSession {
+                        opts: &opts,
+                        url: &url,
+                        http: &http,
+                        live: Some(live.clone()),
+                    };
+                    session.run(clip, shutdown, &mut stats).await
+                } else {
+                    let session = Session {
+                        opts: &opts,
+                        url: &url,
+                        http: &http,
+                        info: clip.info,
+                        verbose: false,
+                        live: Some(live.clone()),
+                    };
+                    session.run(Source::Clip(clip), shutdown, &mut stats).await
+                };
+                if let Err(e) = result {
                     warn!("session failed: {e:#}");
                     live.failed(&e);
                 }

@@ -11,9 +11,13 @@
 //! `{n}` in the URL becomes the session number (0-based), so each session can publish its own
 //! stream. Plain RFC 9725: it works against any WHIP server.
 //!
+//! With `--stack lean` (the default for `--sessions` above 1 with H264/Opus files) a session
+//! is `lean::LeanSession` instead: str0m's ICE agent and DTLS, but its own RTP packetizing and
+//! SRTP, at a fraction of the CPU per packet.
+//!
 //! Files: `whip.rs` (HTTP signalling), `candidates.rs` (local addresses as ICE candidates),
 //! `driver.rs` (a session's str0m `Rtc`, socket and pacing), `source.rs` (demuxing, the shared
-//! clip), `annexb.rs` (H264 to Annex B), `load.rs` (`--sessions`: many sessions and their figures).
+//! clip), `annexb.rs` (H264 to Annex B), `load.rs` (`--sessions`: many sessions and their figures), `lean/` (the lean sender).
 //!
 //! Use from code (tests):
 //! ```text
@@ -60,6 +64,7 @@ macro_rules! note {
 mod annexb;
 mod candidates;
 mod driver;
+mod lean;
 mod load;
 mod source;
 mod whip;
@@ -106,6 +111,21 @@ pub struct PublishArgs {
     /// same times, as a simulcast encoder does). The offer lists the layers in this order.
     #[arg(long, value_name = "RID=FILE")]
     pub simulcast: Vec<String>,
+    /// The WebRTC sender of each session: `str0m` (a full endpoint: NACK retransmissions,
+    /// congestion control, every codec), `lean` (H264 and Opus over UDP, no retransmissions:
+    /// a fraction of the CPU per packet, for load runs) or `auto`: `lean` for more than one
+    /// session when the file and options allow it, else `str0m`.
+    #[arg(long, value_enum, default_value_t = Stack::Auto)]
+    pub stack: Stack,
+}
+
+/// Which WebRTC sender a session uses (`--stack`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Stack {
+    #[default]
+    Auto,
+    Str0m,
+    Lean,
 }
 
 /// Everything [`publish`] needs.
@@ -130,6 +150,8 @@ pub struct PublishOptions {
     /// Extra simulcast layers (RID, file with the layer's video); the main
     /// file's video is then layer `h`.
     pub simulcast: Vec<(String, PathBuf)>,
+    /// The WebRTC sender.
+    pub stack: Stack,
 }
 
 impl PublishOptions {
@@ -145,6 +167,7 @@ impl PublishOptions {
             ice_restart_after: None,
             ice_tcp: false,
             simulcast: Vec::new(),
+            stack: Stack::Auto,
         }
     }
 }
@@ -239,7 +262,8 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<()> {
         Some(s) => Some(Duration::from_secs_f64(s)),
         None => None,
     };
-    if args.sessions > 1 {
+    opts.stack = args.stack;
+    if args.sessions > 1 || opts.stack == Stack::Lean {
         return run_many(opts, args.sessions, ramp, limit).await;
     }
 
