@@ -14,6 +14,7 @@
 #          BENCH_KEEP=1     keep the temporary directory (logs, HLS) for a look
 #          BENCH_PRESET     the streams' preset (default passthrough; copy-all: no transcoding)
 #          BENCH_HLS_FORMAT hls.format: mpegts (default), fmp4 or llhls
+#          BENCH_STACK      the generator's WebRTC sender: auto (default: lean), lean or str0m
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,7 @@ http_port="${BENCH_HTTP_PORT:-18680}"
 udp_port="${BENCH_UDP_PORT:-18689}"
 preset="${BENCH_PRESET:-passthrough}"
 format="${BENCH_HLS_FORMAT:-mpegts}"
+stack="${BENCH_STACK:-auto}"
 base="http://127.0.0.1:$http_port"
 
 cargo build --release -q
@@ -75,7 +77,7 @@ for n in $list; do
 
   start=$(now)
   WHIPGATE_LOG=warn "$bin" publish samples/sample.mkv "$base/whip/bench{n}" \
-    --sessions "$n" --ramp "$ramp" --duration "$duration" --loop \
+    --sessions "$n" --ramp "$ramp" --duration "$duration" --loop --stack "$stack" \
     >"$run/summary.txt" 2>"$run/publish.log" &
   client=$!
   # Steady part: from 1.5 s after the last session started to 0.5 s before the first ends.

@@ -7,7 +7,8 @@
 //! and drops the rest:
 //!
 //! - the offer is its own ([`sdp`]): H264 (packetization-mode 1) and/or Opus, BUNDLE,
-//!   rtcp-mux, SSRCs signalled, the `mid` header extension;
+//!   rtcp-mux, SSRCs signalled, the `mid` and transport-wide sequence number header
+//!   extensions (a server runs its congestion control feedback as for a browser);
 //! - ICE is str0m's agent (`str0m::ice::IceAgent`, controlling, with consent checks);
 //! - DTLS is str0m's crypto provider's DTLS 1.2 (OpenSSL), and the server's certificate is
 //!   checked against the answer's fingerprint;
@@ -16,7 +17,8 @@
 //! - an RTCP sender report per SSRC every second (servers use them for lip sync).
 //!
 //! It does not retransmit on NACK, honour keyframe requests (the file has its own keyframes)
-//! or estimate bandwidth: on a load run the path is loopback or a LAN.
+//! or act on the server's TWCC feedback (it reads and drops all RTCP): on a load run the path
+//! is loopback or a LAN.
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -189,7 +191,7 @@ impl LeanSession<'_> {
                     continue;
                 };
                 let mid = accepted.mid_ext.map(|id| (id, m.mid));
-                let stream = RtpStream::new(m.ssrc, pt, clock, mid);
+                let stream = RtpStream::new(m.ssrc, pt, clock, mid, accepted.twcc_ext);
                 match m.h264_profile {
                     Some(_) => video = Some(stream),
                     None => audio = Some(stream),
@@ -215,6 +217,7 @@ impl LeanSession<'_> {
                 srtp: None,
                 video,
                 audio,
+                twcc_seq: 0,
                 cursor: ClipCursor::new(clip, self.opts.loop_),
                 stats: &mut *stats,
                 live: self.live.as_deref(),
@@ -265,6 +268,8 @@ struct Sender<'a> {
     srtp: Option<SrtpSender>,
     video: Option<RtpStream>,
     audio: Option<RtpStream>,
+    /// The next transport-wide sequence number (TWCC), shared by the streams.
+    twcc_seq: u16,
     cursor: ClipCursor,
     stats: &'a mut PublishStats,
     live: Option<&'a Live>,
@@ -513,6 +518,7 @@ impl Sender<'_> {
                 &frame.data,
                 frame.pts_us,
                 h264,
+                &mut self.twcc_seq,
                 &mut plain,
                 |packet, header, roc| {
                     let at = out.len();

@@ -27,6 +27,8 @@ pub(super) struct RtpStream {
     ts_offset: u32,
     /// The `urn:ietf:params:rtp-hdrext:sdes:mid` extension: its id and the mid.
     mid: Option<(u8, Vec<u8>)>,
+    /// The id of the transport-wide sequence number extension (TWCC).
+    twcc: Option<u8>,
     /// Packets and payload octets sent, for the sender report.
     pub(super) packets: u32,
     pub(super) octets: u32,
@@ -35,7 +37,15 @@ pub(super) struct RtpStream {
 }
 
 impl RtpStream {
-    pub(super) fn new(ssrc: u32, pt: u8, clock: u32, mid: Option<(u8, &str)>) -> Self {
+    /// `mid` is the `mid` extension's id and value, `twcc` the transport-wide sequence
+    /// number extension's id (each when the answer kept it).
+    pub(super) fn new(
+        ssrc: u32,
+        pt: u8,
+        clock: u32,
+        mid: Option<(u8, &str)>,
+        twcc: Option<u8>,
+    ) -> Self {
         Self {
             ssrc,
             pt,
@@ -44,6 +54,7 @@ impl RtpStream {
             clock,
             ts_offset: rand::random(),
             mid: mid.map(|(id, m)| (id, m.as_bytes().to_vec())),
+            twcc,
             packets: 0,
             octets: 0,
             last: None,
@@ -58,26 +69,43 @@ impl RtpStream {
     }
 
     /// Writes the header of the next packet into `buf`; returns its length and the rollover
-    /// counter of its sequence number.
-    fn header(&mut self, buf: &mut [u8], marker: bool, ts: u32) -> (usize, u32) {
-        let ext = self
-            .mid
-            .as_ref()
-            .map_or(0, |(_, m)| (1 + m.len()).div_ceil(4) * 4);
-        buf[0] = 0x80 | if ext > 0 { 0x10 } else { 0 };
+    /// counter of its sequence number. `twcc_seq` is the session's transport-wide sequence
+    /// number, shared by its streams.
+    fn header(
+        &mut self,
+        buf: &mut [u8],
+        marker: bool,
+        ts: u32,
+        twcc_seq: &mut u16,
+    ) -> (usize, u32) {
         buf[1] = self.pt | if marker { 0x80 } else { 0 };
         buf[2..4].copy_from_slice(&self.seq.to_be_bytes());
         buf[4..8].copy_from_slice(&ts.to_be_bytes());
         buf[8..12].copy_from_slice(&self.ssrc.to_be_bytes());
-        let mut len = 12;
+        // One-byte header extensions (RFC 8285): id << 4 | (length - 1), then the data.
+        let mut at = 16;
         if let Some((id, mid)) = &self.mid {
-            buf[12..14].copy_from_slice(&ONE_BYTE_EXT.to_be_bytes());
-            buf[14..16].copy_from_slice(&((ext / 4) as u16).to_be_bytes());
-            buf[16] = (id << 4) | (mid.len() as u8 - 1);
-            buf[17..17 + mid.len()].copy_from_slice(mid);
-            buf[17 + mid.len()..16 + ext].fill(0);
-            len = 16 + ext;
+            buf[at] = (id << 4) | (mid.len() as u8 - 1);
+            buf[at + 1..at + 1 + mid.len()].copy_from_slice(mid);
+            at += 1 + mid.len();
         }
+        if let Some(id) = self.twcc {
+            buf[at] = (id << 4) | 1;
+            buf[at + 1..at + 3].copy_from_slice(&twcc_seq.to_be_bytes());
+            *twcc_seq = twcc_seq.wrapping_add(1);
+            at += 3;
+        }
+        let len = if at > 16 {
+            let padded = at.next_multiple_of(4);
+            buf[at..padded].fill(0);
+            buf[12..14].copy_from_slice(&ONE_BYTE_EXT.to_be_bytes());
+            buf[14..16].copy_from_slice(&(((padded - 16) / 4) as u16).to_be_bytes());
+            buf[0] = 0x90;
+            padded
+        } else {
+            buf[0] = 0x80;
+            12
+        };
         let roc = self.roc;
         self.seq = self.seq.wrapping_add(1);
         if self.seq == 0 {
@@ -93,13 +121,14 @@ impl RtpStream {
         frame: &[u8],
         pts_us: u64,
         h264: bool,
+        twcc_seq: &mut u16,
         buf: &mut [u8],
         mut emit: impl FnMut(&[u8], usize, u32) -> Result<(), E>,
     ) -> Result<(), E> {
         let ts = self.timestamp(pts_us);
         self.last = Some((ts, pts_us));
         let mut packet = |rtp: &mut Self, marker: bool, prefix: &[u8], body: &[u8]| {
-            let (h, roc) = rtp.header(buf, marker, ts);
+            let (h, roc) = rtp.header(buf, marker, ts, twcc_seq);
             let end = h + prefix.len() + body.len();
             buf[h..h + prefix.len()].copy_from_slice(prefix);
             buf[h + prefix.len()..end].copy_from_slice(body);
@@ -167,7 +196,7 @@ mod tests {
     fn packets(rtp: &mut RtpStream, frame: &[u8], h264: bool) -> Vec<(Vec<u8>, usize)> {
         let mut out = Vec::new();
         let mut buf = [0u8; 1500];
-        rtp.packetize::<()>(frame, 40_000, h264, &mut buf, |p, h, _| {
+        rtp.packetize::<()>(frame, 40_000, h264, &mut 0, &mut buf, |p, h, _| {
             out.push((p.to_vec(), h));
             Ok(())
         })
@@ -177,7 +206,7 @@ mod tests {
 
     #[test]
     fn h264_small_nals_go_whole_and_the_last_carries_the_marker() {
-        let mut rtp = RtpStream::new(0x1234_5678, 96, 90_000, Some((3, "0")));
+        let mut rtp = RtpStream::new(0x1234_5678, 96, 90_000, Some((3, "0")), None);
         let frame = [
             0, 0, 0, 1, 0x67, 1, 2, 0, 0, 0, 1, 0x68, 3, 0, 0, 1, 0x65, 4, 5, 6,
         ];
@@ -201,8 +230,37 @@ mod tests {
     }
 
     #[test]
+    fn mid_and_transport_wide_sequence_share_one_extension_block() {
+        let mut rtp = RtpStream::new(5, 111, 48_000, Some((4, "1")), Some(3));
+        let mut buf = [0u8; 64];
+        let mut twcc = 0xFFFF;
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            rtp.packetize::<()>(&[7], 0, false, &mut twcc, &mut buf, |p, h, _| {
+                seen.push((p.to_vec(), h));
+                Ok(())
+            })
+            .unwrap();
+        }
+        let (p, h) = &seen[0];
+        assert_eq!(
+            *h, 24,
+            "12 bytes of header, 4 of extension header, 5 of data and 3 of padding"
+        );
+        assert_eq!(&p[12..20], &[0xBE, 0xDE, 0, 2, 0x40, b'1', 0x31, 0xFF]);
+        assert_eq!(
+            &p[20..24],
+            &[0xFF, 0, 0, 0],
+            "the sequence's low byte, then padding"
+        );
+        assert_eq!(p[24], 7);
+        assert_eq!(&seen[1].0[19..21], &[0, 0], "the session counter wrapped");
+        assert_eq!(twcc, 1);
+    }
+
+    #[test]
     fn h264_large_nals_become_fu_a_fragments() {
-        let mut rtp = RtpStream::new(1, 102, 90_000, None);
+        let mut rtp = RtpStream::new(1, 102, 90_000, None, None);
         let mut frame = vec![0, 0, 0, 1, 0x65];
         frame.extend((0..3000u32).map(|i| (i % 251) as u8 | 1));
         let out = packets(&mut rtp, &frame, true);
@@ -225,7 +283,7 @@ mod tests {
 
     #[test]
     fn opus_is_one_packet_and_sequence_numbers_roll_over() {
-        let mut rtp = RtpStream::new(7, 111, 48_000, None);
+        let mut rtp = RtpStream::new(7, 111, 48_000, None, None);
         rtp.seq = u16::MAX;
         let out = packets(&mut rtp, &[1, 2, 3], false);
         assert_eq!(out.len(), 1);
@@ -234,7 +292,7 @@ mod tests {
         assert_eq!(rtp.roc, 1);
         let mut rolled = None;
         let mut buf = [0u8; 64];
-        rtp.packetize::<()>(&[9], 60_000, false, &mut buf, |_, _, roc| {
+        rtp.packetize::<()>(&[9], 60_000, false, &mut 0, &mut buf, |_, _, roc| {
             rolled = Some(roc);
             Ok(())
         })
@@ -244,7 +302,7 @@ mod tests {
 
     #[test]
     fn sender_report_extrapolates_the_rtp_clock() {
-        let mut rtp = RtpStream::new(9, 111, 48_000, None);
+        let mut rtp = RtpStream::new(9, 111, 48_000, None, None);
         assert!(rtp.sender_report(0, 0).is_none());
         packets(&mut rtp, &[1, 2, 3], false);
         let sr = rtp.sender_report(60_000, 0x0102_0304_0506_0708).unwrap();

@@ -7,6 +7,11 @@ use std::fmt::Write as _;
 pub(super) const MID_EXT_URI: &str = "urn:ietf:params:rtp-hdrext:sdes:mid";
 /// The id the offer gives that extension.
 const MID_EXT_ID: u8 = 4;
+/// The transport-wide sequence number extension, for the server's congestion control
+/// feedback (TWCC), as browsers send it.
+pub(super) const TWCC_EXT_URI: &str =
+    "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01";
+const TWCC_EXT_ID: u8 = 3;
 pub(super) const H264_PT: u8 = 102;
 pub(super) const OPUS_PT: u8 = 111;
 
@@ -49,7 +54,8 @@ impl Offer<'_> {
                 "m={kind} 9 UDP/TLS/RTP/SAVPF {pt}\r\nc=IN IP4 0.0.0.0\r\n\
                  a=rtcp:9 IN IP4 0.0.0.0\r\na=ice-ufrag:{}\r\na=ice-pwd:{}\r\n\
                  a=fingerprint:sha-256 {}\r\na=setup:actpass\r\na=mid:{}\r\n\
-                 a=extmap:{MID_EXT_ID} {MID_EXT_URI}\r\na=sendonly\r\na=msid:- {kind}\r\n\
+                 a=extmap:{MID_EXT_ID} {MID_EXT_URI}\r\na=extmap:{TWCC_EXT_ID} {TWCC_EXT_URI}\r\n\
+                 a=sendonly\r\na=msid:- {kind}\r\n\
                  a=rtcp-mux\r\n",
                 self.ufrag, self.pwd, self.fingerprint, m.mid
             );
@@ -57,7 +63,8 @@ impl Offer<'_> {
                 Some(profile) => {
                     let _ = write!(
                         s,
-                        "a=rtpmap:{pt} H264/90000\r\na=rtcp-fb:{pt} nack\r\n\
+                        "a=rtpmap:{pt} H264/90000\r\na=rtcp-fb:{pt} transport-cc\r\n\
+                         a=rtcp-fb:{pt} nack\r\n\
                          a=rtcp-fb:{pt} nack pli\r\na=fmtp:{pt} level-asymmetry-allowed=1;\
                          packetization-mode=1;profile-level-id={profile:06x}\r\n"
                     );
@@ -65,7 +72,8 @@ impl Offer<'_> {
                 None => {
                     let _ = write!(
                         s,
-                        "a=rtpmap:{pt} opus/48000/2\r\na=fmtp:{pt} minptime=10;useinbandfec=1\r\n"
+                        "a=rtpmap:{pt} opus/48000/2\r\na=rtcp-fb:{pt} transport-cc\r\n\
+                         a=fmtp:{pt} minptime=10;useinbandfec=1\r\n"
                     );
                 }
             }
@@ -89,6 +97,8 @@ pub(super) struct AnswerMedia {
     pub(super) pts: Vec<u8>,
     /// The id of the `mid` header extension, if the answer kept it.
     pub(super) mid_ext: Option<u8>,
+    /// The id of the transport-wide sequence number extension, if the answer kept it.
+    pub(super) twcc_ext: Option<u8>,
 }
 
 /// What the sender needs from the answer.
@@ -169,8 +179,10 @@ impl Answer {
                     let id = parts
                         .next()
                         .and_then(|id| id.split('/').next()?.parse().ok());
-                    if parts.next() == Some(MID_EXT_URI) {
-                        media.mid_ext = id;
+                    match parts.next() {
+                        Some(MID_EXT_URI) => media.mid_ext = id,
+                        Some(TWCC_EXT_URI) => media.twcc_ext = id,
+                        _ => {}
                     }
                 }
                 _ => {}
@@ -232,6 +244,8 @@ mod tests {
             "a=fingerprint:sha-256 AB:CD\r\n",
             "a=setup:actpass\r\n",
             "a=extmap:4 urn:ietf:params:rtp-hdrext:sdes:mid\r\n",
+            "a=extmap:3 http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01\r\n",
+            "a=rtcp-fb:102 transport-cc\r\n",
             "a=candidate:1 1 udp 2130706431 127.0.0.1 5000 typ host\r\n",
         ] {
             assert!(offer.contains(want), "{want:?} missing in\n{offer}");
@@ -247,7 +261,8 @@ mod tests {
         let sdp = format!(
             "v=0\r\na=ice-lite\r\na=group:BUNDLE 0 1\r\nm=video 9 UDP/TLS/RTP/SAVPF 102\r\n\
              a=ice-ufrag:su\r\na=ice-pwd:sp\r\na=fingerprint:sha-256 {fp}\r\na=setup:passive\r\n\
-             a=mid:0\r\na=extmap:7 urn:ietf:params:rtp-hdrext:sdes:mid\r\na=recvonly\r\n\
+             a=mid:0\r\na=extmap:7 urn:ietf:params:rtp-hdrext:sdes:mid\r\n\
+             a=extmap:5 {TWCC_EXT_URI}\r\na=recvonly\r\n\
              a=candidate:1 1 udp 1 127.0.0.1 8189 typ host\r\n\
              m=audio 0 UDP/TLS/RTP/SAVPF 111\r\na=mid:1\r\n"
         );
@@ -259,7 +274,8 @@ mod tests {
             a.candidates,
             ["candidate:1 1 udp 1 127.0.0.1 8189 typ host"]
         );
-        assert_eq!(a.accepted("0", 102).unwrap().mid_ext, Some(7));
+        let video = a.accepted("0", 102).unwrap();
+        assert_eq!((video.mid_ext, video.twcc_ext), (Some(7), Some(5)));
         assert!(a.accepted("0", 96).is_none(), "payload type not kept");
         assert!(a.accepted("1", 111).is_none(), "port 0 rejects");
     }
