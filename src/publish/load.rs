@@ -193,6 +193,7 @@ pub(super) async fn run_many(
         if lean { "lean" } else { "str0m" }
     );
     let http = http_client()?;
+    let pacers = lean::Pacers::start(sessions);
     let live = Arc::new(Live::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let started = Instant::now();
@@ -208,6 +209,7 @@ pub(super) async fn run_many(
         opts.url = session_url(&opts.url, n);
         let (clip, http, live, mut stop) =
             (clip.clone(), http.clone(), live.clone(), stop_rx.clone());
+        let pacers = pacers.clone();
         let span = tracing::info_span!("session", n);
         tasks.spawn(
             async move {
@@ -243,6 +245,7 @@ pub(super) async fn run_many(
                         url: &url,
                         http: &http,
                         live: Some(live.clone()),
+                        pacers: &pacers,
                     };
                     session.run(clip, shutdown, &mut stats).await
                 } else {

@@ -25,7 +25,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 use str0m::Candidate;
@@ -41,19 +41,20 @@ use url::Url;
 
 use super::candidates::LocalAddrs;
 use super::load::{Failure, FailureKind, Live, lock};
-use super::source::{Clip, ClipCursor, FrameKind, MediaFrame, MediaInfo};
+use super::source::{Clip, ClipCursor, MediaInfo};
 use super::whip::{delete_session, post_offer, remote_candidate_ips, resolve_host};
 use super::{PublishOptions, PublishStats};
+pub(crate) use pacer::Pacers;
+use pacer::{Lane, LaneHandle, LaneReport};
 use rtp::RtpStream;
 use sdp::{Answer, H264_PT, OPUS_PT, Offer, OfferMedia};
 use srtp::SrtpSender;
 
+mod pacer;
 mod rtp;
 mod sdp;
 mod srtp;
 
-/// Time between sender reports of an SSRC.
-const SENDER_REPORT_EVERY: Duration = Duration::from_secs(1);
 /// The largest datagram a session sends or expects.
 const DATAGRAM: usize = 1500;
 
@@ -92,6 +93,7 @@ pub(super) struct LeanSession<'a> {
     pub(super) url: &'a Url,
     pub(super) http: &'a reqwest::Client,
     pub(super) live: Option<Arc<Live>>,
+    pub(super) pacers: &'a Pacers,
 }
 
 impl LeanSession<'_> {
@@ -205,7 +207,7 @@ impl LeanSession<'_> {
                 .new_dtls(cert, Instant::now(), DtlsVersion::Dtls12, None)
                 .map_err(|e| anyhow!("creating the DTLS endpoint: {e}"))?;
             let sender = Sender {
-                socket,
+                socket: Arc::new(socket),
                 locals,
                 ice,
                 dtls,
@@ -214,16 +216,13 @@ impl LeanSession<'_> {
                 fingerprint: answer.fingerprint,
                 provider,
                 destination: None,
-                srtp: None,
-                video,
-                audio,
-                twcc_seq: 0,
-                cursor: ClipCursor::new(clip, self.opts.loop_),
+                media: Some((video, audio, ClipCursor::new(clip, self.opts.loop_))),
+                pacers: self.pacers,
                 stats: &mut *stats,
-                live: self.live.as_deref(),
+                live: self.live.clone(),
                 posted,
                 connect_timeout: self.opts.connect_timeout,
-                out: Vec::with_capacity(16 * DATAGRAM),
+                out: Vec::with_capacity(4 * DATAGRAM),
                 lens: Vec::new(),
             };
             sender.run(shutdown.as_mut()).await
@@ -250,9 +249,9 @@ fn add_candidate(ice: &mut IceAgent, addr: SocketAddr, lines: &mut Vec<String>) 
     }
 }
 
-/// A session after the answer: ICE, then DTLS, then media.
+/// A session after the answer: ICE, then DTLS, then media on a pacer.
 struct Sender<'a> {
-    socket: UdpSocket,
+    socket: Arc<UdpSocket>,
     locals: LocalAddrs,
     ice: IceAgent,
     dtls: Box<dyn DtlsInstance>,
@@ -263,19 +262,16 @@ struct Sender<'a> {
     /// The server certificate's SHA-256, from the answer.
     fingerprint: Vec<u8>,
     provider: &'static CryptoProvider,
-    /// Where media goes: the nominated pair's remote address.
+    /// The nominated pair's remote address (the socket is connected to it).
     destination: Option<SocketAddr>,
-    srtp: Option<SrtpSender>,
-    video: Option<RtpStream>,
-    audio: Option<RtpStream>,
-    /// The next transport-wide sequence number (TWCC), shared by the streams.
-    twcc_seq: u16,
-    cursor: ClipCursor,
+    /// The RTP streams and the clip, until they go to a pacer.
+    media: Option<(Option<RtpStream>, Option<RtpStream>, ClipCursor)>,
+    pacers: &'a Pacers,
     stats: &'a mut PublishStats,
-    live: Option<&'a Live>,
+    live: Option<Arc<Live>>,
     posted: Instant,
     connect_timeout: Duration,
-    /// This round's datagrams, back to back, and their lengths.
+    /// ICE and DTLS datagrams to send, back to back, and their lengths.
     out: Vec<u8>,
     lens: Vec<usize>,
 }
@@ -289,14 +285,12 @@ impl Sender<'_> {
         self.dtls.set_active(self.dtls_client);
         let mut dtls_started = false;
         let mut dtls_timeout: Option<Instant> = None;
-        let mut media_start: Option<Instant> = None;
-        let mut pending: Option<MediaFrame> = None;
-        let mut next_report = now;
+        let mut lane: Option<LaneHandle> = None;
         let mut disconnected_since: Option<Instant> = None;
         let wake = tokio::time::sleep_until(tokio::time::Instant::now());
         tokio::pin!(wake);
 
-        loop {
+        let outcome = loop {
             let now = Instant::now();
             // ICE: checks, consent, events.
             while let Some(t) = self.ice.poll_transmit() {
@@ -307,6 +301,11 @@ impl Sender<'_> {
             while let Some(event) = self.ice.poll_event() {
                 match event {
                     IceAgentEvent::NominatedSend { destination, .. } => {
+                        // Connected: the kernel keeps the route, media needs no address.
+                        self.socket
+                            .connect(destination)
+                            .await
+                            .context("connecting the UDP socket to the nominated pair")?;
                         self.destination = Some(destination);
                         if !dtls_started {
                             dtls_started = true;
@@ -332,22 +331,33 @@ impl Sender<'_> {
             }
             // As the DTLS server, the client's first flight starts it.
             dtls_started |= self.dtls_received;
-            if dtls_started && self.srtp.is_none() {
-                dtls_timeout = self.poll_dtls().await?;
-                if self.srtp.is_some() {
-                    media_start = Some(Instant::now());
+            if dtls_started && lane.is_none() {
+                let (timeout, srtp) = self.poll_dtls().await?;
+                dtls_timeout = timeout;
+                if let Some(srtp) = srtp
+                    && let Some((video, audio, cursor)) = self.media.take()
+                {
                     self.stats.connected = true;
+                    lane = Some(self.pacers.add(Lane {
+                        socket: self.socket.clone(),
+                        srtp,
+                        video,
+                        audio,
+                        cursor,
+                        live: self.live.clone(),
+                        posted: self.posted,
+                    }));
                 }
             }
             if let Some(since) = disconnected_since
                 && now >= since + super::driver::DISCONNECT_GRACE
             {
-                return Err(Failure::err(
+                break Err(Failure::err(
                     FailureKind::IceFailed,
                     "ICE connection to the WHIP server failed (consent lost)".to_owned(),
                 ));
             }
-            if media_start.is_none() && now >= connect_deadline {
+            if lane.is_none() && now >= connect_deadline {
                 return Err(Failure::err(
                     FailureKind::ConnectTimeout,
                     format!(
@@ -357,40 +367,12 @@ impl Sender<'_> {
                 ));
             }
 
-            // Media: every frame that is due, then the sender reports.
-            let mut next_frame = None;
-            if let Some(start) = media_start {
-                loop {
-                    if pending.is_none() {
-                        pending = self.cursor.next();
-                        if pending.is_none() {
-                            self.stats.finished = true;
-                            self.stats.media_time = start.elapsed();
-                            return Ok(());
-                        }
-                    }
-                    let Some(frame) = pending.take_if(|f| start + f.send_at <= now) else {
-                        next_frame = pending.as_ref().map(|f| start + f.send_at);
-                        break;
-                    };
-                    self.send_frame(&frame)?;
-                }
-                if now >= next_report {
-                    next_report = now + SENDER_REPORT_EVERY;
-                    self.sender_reports(now - start)?;
-                }
-                self.flush(None).await;
-            }
-
             let ice_timeout = self.ice.poll_timeout();
-            let mut next = match media_start {
-                Some(_) => next_report,
-                None => connect_deadline,
-            };
-            for t in [ice_timeout, dtls_timeout, next_frame]
-                .into_iter()
-                .flatten()
-            {
+            let mut next = connect_deadline;
+            if lane.is_some() {
+                next = now + DRAIN_EVERY;
+            }
+            for t in [ice_timeout, dtls_timeout].into_iter().flatten() {
                 next = next.min(t);
             }
             let at = super::driver::wake_grid().place(next, now);
@@ -401,36 +383,78 @@ impl Sender<'_> {
 
             tokio::select! {
                 biased;
-                _ = &mut shutdown => break,
-                r = self.socket.recv_from(&mut buf) => match r {
-                    Ok((n, source)) => self.receive(&buf[..n], source)?,
+                _ = &mut shutdown => break Ok(()),
+                report = lane_done(&mut lane) => {
+                    // The clip ended (without --loop), or sending failed.
+                    return self.take_report(report);
+                }
+                r = self.socket.recv_from(&mut buf), if lane.is_none() => match r {
+                    Ok((n, source)) => self.receive(&buf[..n], source),
                     Err(e) => debug!("UDP receive error: {e}"),
                 },
                 _ = &mut wake => {
+                    if lane.is_some() {
+                        self.drain(&mut buf);
+                    }
                     let now = Instant::now();
                     if ice_timeout.is_some_and(|t| t <= now) {
                         self.ice.handle_timeout(now);
                     }
-                    if dtls_timeout.is_some_and(|t| t <= now) && self.srtp.is_none() {
+                    if dtls_timeout.is_some_and(|t| t <= now) && lane.is_none() {
                         self.dtls.handle_timeout(now).map_err(|e| anyhow!("DTLS: {e}"))?;
                     }
                 }
             }
+        };
+        if let Some(handle) = lane.as_mut() {
+            handle.stop();
+            let report = lane_done(&mut lane).await;
+            self.take_report(report)?;
         }
-        if let Some(start) = media_start {
-            self.stats.media_time = start.elapsed();
+        outcome
+    }
+
+    /// Adds a lane's report to the session's figures; its error, if it had one.
+    fn take_report(&mut self, report: LaneReport) -> anyhow::Result<()> {
+        let stats = &mut *self.stats;
+        stats.video_frames = report.video_frames;
+        stats.keyframes = report.keyframes;
+        stats.audio_frames = report.audio_frames;
+        stats.bytes = report.bytes;
+        stats.loops = report.loops;
+        stats.finished = report.finished;
+        stats.media_time = report.media_time;
+        stats.post_to_media = report.post_to_media;
+        stats.packets_sent += report.packets;
+        stats.packet_bytes_sent += report.packet_bytes;
+        match report.error {
+            Some(e) => bail!("{e}"),
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    /// Reads what has arrived, without waiting.
+    fn drain(&mut self, buf: &mut [u8]) {
+        loop {
+            match self.socket.try_recv_from(buf) {
+                Ok((n, source)) => self.receive(&buf[..n], source),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    debug!("UDP receive error: {e}");
+                    return;
+                }
+            }
+        }
     }
 
     /// Demultiplexes a datagram (RFC 7983): STUN to ICE, DTLS to DTLS; SRTCP from the server
     /// (receiver reports, feedback) is not needed and dropped.
-    fn receive(&mut self, data: &[u8], source: SocketAddr) -> anyhow::Result<()> {
+    fn receive(&mut self, data: &[u8], source: SocketAddr) {
         match data.first() {
             Some(0..=3) => {
                 let Ok(message) = StunMessage::parse(data) else {
                     debug!("ignoring a bad STUN message from {source}");
-                    return Ok(());
+                    return;
                 };
                 let packet = StunPacket {
                     proto: Protocol::Udp,
@@ -451,14 +475,14 @@ impl Sender<'_> {
             }
             _ => {}
         }
-        Ok(())
     }
 
-    /// Sends what DTLS has to send; returns its next timeout. Sets up SRTP once the handshake
-    /// exported its keys and the server's certificate matched the answer's fingerprint.
-    async fn poll_dtls(&mut self) -> anyhow::Result<Option<Instant>> {
+    /// Sends what DTLS has to send; returns its next timeout, and the SRTP keys once the
+    /// handshake exported them and the server's certificate matched the answer's fingerprint.
+    async fn poll_dtls(&mut self) -> anyhow::Result<(Option<Instant>, Option<SrtpSender>)> {
         let mut buf = vec![0u8; DATAGRAM * 2];
         let mut cert_ok = false;
+        let mut srtp = None;
         loop {
             match self.dtls.poll_output(&mut buf) {
                 DtlsOutput::Packet(p) => {
@@ -468,7 +492,7 @@ impl Sender<'_> {
                 DtlsOutput::BufferTooSmall { needed } => buf.resize(needed, 0),
                 DtlsOutput::Timeout(t) => {
                     self.flush(None).await;
-                    return Ok(Some(t));
+                    return Ok((Some(t), srtp));
                 }
                 DtlsOutput::PeerCert(der) => {
                     let digest = self.provider.sha256_provider.sha256(der);
@@ -484,7 +508,7 @@ impl Sender<'_> {
                         bail!("DTLS finished without the server's certificate");
                     }
                     debug!(?profile, "DTLS connected");
-                    self.srtp = Some(SrtpSender::new(
+                    srtp = Some(SrtpSender::new(
                         self.provider,
                         profile,
                         &material,
@@ -502,103 +526,44 @@ impl Sender<'_> {
         }
     }
 
-    /// Packetizes and encrypts one frame into the send buffer.
-    fn send_frame(&mut self, frame: &MediaFrame) -> anyhow::Result<()> {
-        let (stream, h264) = match frame.kind {
-            FrameKind::Video => (self.video.as_mut(), true),
-            FrameKind::Audio => (self.audio.as_mut(), false),
-        };
-        let (Some(stream), Some(srtp)) = (stream, self.srtp.as_mut()) else {
-            return Ok(());
-        };
-        let mut plain = [0u8; DATAGRAM];
-        let (out, lens) = (&mut self.out, &mut self.lens);
-        stream
-            .packetize(
-                &frame.data,
-                frame.pts_us,
-                h264,
-                &mut self.twcc_seq,
-                &mut plain,
-                |packet, header, roc| {
-                    let at = out.len();
-                    out.resize(at + DATAGRAM, 0);
-                    let n = srtp.protect_rtp(packet, header, roc, &mut out[at..])?;
-                    out.truncate(at + n);
-                    lens.push(n);
-                    Ok::<_, srtp::SrtpError>(())
-                },
-            )
-            .context("encrypting RTP")?;
-        if self.stats.post_to_media.is_none() {
-            let t = self.posted.elapsed();
-            self.stats.post_to_media = Some(t);
-            if let Some(live) = self.live {
-                lock(&live.post_to_media).push(t);
-                live.up.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.stats.bytes += frame.data.len() as u64;
-        self.stats.loops = self.stats.loops.max(frame.pass);
-        match frame.kind {
-            FrameKind::Video => {
-                self.stats.video_frames += 1;
-                self.stats.keyframes += u64::from(frame.key);
-            }
-            FrameKind::Audio => self.stats.audio_frames += 1,
-        }
-        Ok(())
-    }
-
-    /// One SRTCP sender report per SSRC that has sent.
-    fn sender_reports(&mut self, media_time: Duration) -> anyhow::Result<()> {
-        let Some(srtp) = self.srtp.as_mut() else {
-            return Ok(());
-        };
-        let ntp = rtp::ntp_time(SystemTime::now());
-        let now_us = media_time.as_micros() as u64;
-        for stream in [self.video.as_ref(), self.audio.as_ref()]
-            .into_iter()
-            .flatten()
-        {
-            let Some(report) = stream.sender_report(now_us, ntp) else {
-                continue;
-            };
-            let at = self.out.len();
-            self.out.resize(at + DATAGRAM, 0);
-            let n = srtp
-                .protect_rtcp(&report, &mut self.out[at..])
-                .context("encrypting RTCP")?;
-            self.out.truncate(at + n);
-            self.lens.push(n);
-        }
-        Ok(())
-    }
-
-    /// Sends the buffered datagrams to `to`, or to the nominated address.
+    /// Sends the buffered ICE and DTLS datagrams to `to`, or to the nominated address.
     async fn flush(&mut self, to: Option<SocketAddr>) {
-        let Some(to) = to.or(self.destination) else {
-            self.out.clear();
-            self.lens.clear();
-            return;
-        };
-        let mut at = 0;
-        for &n in &self.lens {
-            let datagram = &self.out[at..at + n];
-            at += n;
-            match self.socket.send_to(datagram, to).await {
-                Ok(n) => {
-                    self.stats.packets_sent += 1;
-                    self.stats.packet_bytes_sent += n as u64;
-                    if let Some(live) = self.live {
-                        live.packets.fetch_add(1, Ordering::Relaxed);
-                        live.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        if let Some(to) = to.or(self.destination) {
+            let mut at = 0;
+            for &n in &self.lens {
+                match self.socket.send_to(&self.out[at..at + n], to).await {
+                    Ok(sent) => {
+                        self.stats.packets_sent += 1;
+                        self.stats.packet_bytes_sent += sent as u64;
+                        if let Some(live) = &self.live {
+                            live.packets.fetch_add(1, Ordering::Relaxed);
+                            live.bytes.fetch_add(sent as u64, Ordering::Relaxed);
+                        }
                     }
+                    Err(e) => debug!("UDP send to {to} failed: {e}"),
                 }
-                Err(e) => debug!("UDP send to {to} failed: {e}"),
+                at += n;
             }
         }
         self.out.clear();
         self.lens.clear();
     }
+}
+
+/// How often a session with media on a pacer reads its socket. The server's RTCP (TWCC
+/// feedback every few tens of milliseconds) and STUN answers wait for it: read one by one,
+/// they woke a hundred sessions' tasks thousands of times a second.
+const DRAIN_EVERY: Duration = Duration::from_millis(200);
+
+/// The report of the session's lane; never without one.
+async fn lane_done(lane: &mut Option<LaneHandle>) -> LaneReport {
+    let Some(handle) = lane.as_mut() else {
+        return std::future::pending().await;
+    };
+    let report = (&mut handle.done).await.unwrap_or_else(|_| LaneReport {
+        error: Some("the pacer stopped".to_owned()),
+        ..LaneReport::default()
+    });
+    *lane = None;
+    report
 }
