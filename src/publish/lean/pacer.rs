@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrIn, sendmmsg};
+use nix::errno::Errno;
+use nix::sys::socket::{ControlMessage, MsgFlags, MultiHeaders, SockaddrIn, sendmmsg};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
@@ -302,6 +303,7 @@ impl Running {
                         live.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
                     }
                 }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     let dropped = self.lens.len() - done;
                     if self.report.send_failures == 0 {
@@ -328,8 +330,18 @@ impl Running {
     }
 }
 
+/// False once the kernel refused UDP segmentation offload (GSO) on a socket: then every
+/// datagram is a message of its own.
+static GSO: AtomicBool = AtomicBool::new(true);
+/// Segments one GSO message carries at most (the kernel's limit is 64).
+const MAX_SEGMENTS: usize = 32;
+
 /// Sends the datagrams from the `first`th on (back to back in `out`, lengths in `lens`) on the
 /// connected `socket` with one `sendmmsg`; returns how many went and their bytes.
+///
+/// With GSO, a run of datagrams of the largest size (a frame's full FU-A packets), and the
+/// shorter one after it, is one message the kernel splits: the IP layer runs once for the run.
+/// A datagram not longer than the segment size goes out as it is.
 fn send_many(
     socket: &UdpSocket,
     out: &[u8],
@@ -337,24 +349,55 @@ fn send_many(
     first: usize,
 ) -> std::io::Result<(usize, usize)> {
     const NO_ADDRESS: [Option<SockaddrIn>; BATCH] = [None; BATCH];
+    let gso = GSO.load(Ordering::Relaxed);
+    let segment = lens[first..].iter().copied().max().unwrap_or(0);
     let mut at: usize = lens[..first].iter().sum();
-    let slices: Vec<[IoSlice<'_>; 1]> = lens[first..]
-        .iter()
-        .take(BATCH)
-        .map(|&n| {
-            let slice = [IoSlice::new(&out[at..at + n])];
-            at += n;
-            slice
-        })
-        .collect();
-    let mut headers = MultiHeaders::<SockaddrIn>::preallocate(slices.len(), None);
-    let results = sendmmsg(
+    let mut i = first;
+    let mut slices: Vec<[IoSlice<'_>; 1]> = Vec::new();
+    let mut counts: Vec<usize> = Vec::new();
+    while i < lens.len() && slices.len() < BATCH {
+        // A run of full segments and at most one shorter datagram at its end.
+        let mut k = 1;
+        if gso && lens[i] == segment {
+            while i + k < lens.len() && k < MAX_SEGMENTS {
+                let n = lens[i + k];
+                k += 1;
+                if n != segment {
+                    break;
+                }
+            }
+        }
+        let bytes: usize = lens[i..i + k].iter().sum();
+        slices.push([IoSlice::new(&out[at..at + bytes])]);
+        counts.push(k);
+        at += bytes;
+        i += k;
+    }
+    let size = u16::try_from(segment).unwrap_or(u16::MAX);
+    let cmsg = [ControlMessage::UdpGsoSegments(&size)];
+    let cmsgs: &[ControlMessage<'_>] = if gso { &cmsg } else { &[] };
+    let space = gso.then(|| nix::cmsg_space!(u16));
+    // The headers hold raw pointers (not `Send`): made per call, not kept across awaits.
+    let mut headers = MultiHeaders::<SockaddrIn>::preallocate(slices.len(), space);
+    let results = match sendmmsg(
         socket.as_raw_fd(),
         &mut headers,
         &slices,
         &NO_ADDRESS[..slices.len()],
-        [],
+        cmsgs,
         MsgFlags::empty(),
-    )?;
-    Ok(results.fold((0, 0), |(packets, bytes), r| (packets + 1, bytes + r.bytes)))
+    ) {
+        Err(Errno::EIO | Errno::EINVAL) if gso => {
+            warn!("the kernel refused UDP GSO; sending datagram by datagram");
+            GSO.store(false, Ordering::Relaxed);
+            // Not `WouldBlock`: that would clear the socket's readiness. The caller retries.
+            return Err(std::io::ErrorKind::Interrupted.into());
+        }
+        r => r?,
+    };
+    Ok(results
+        .zip(&counts)
+        .fold((0, 0), |(packets, bytes), (r, k)| {
+            (packets + k, bytes + r.bytes)
+        }))
 }
