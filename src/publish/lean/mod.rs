@@ -13,8 +13,10 @@
 //! - DTLS is str0m's crypto provider's DTLS 1.2 (OpenSSL), and the server's certificate is
 //!   checked against the answer's fingerprint;
 //! - RTP packetizing ([`rtp`]) and SRTP/SRTCP ([`srtp`]) are here: a frame becomes packets in
-//!   one pass, straight into the session's send buffer, encrypted with the provider's AES;
-//! - an RTCP sender report per SSRC every second (servers use them for lip sync).
+//!   one pass, straight into the session's send buffer, AES-GCM sealed with ring;
+//! - an RTCP sender report per SSRC every second (servers use them for lip sync);
+//! - once DTLS is up, the session's media goes to a pacer task ([`pacer`]) that sends every
+//!   lane's due frames each 5 ms, a frame's full-size packets as one UDP GSO message.
 //!
 //! It does not retransmit on NACK, honour keyframe requests (the file has its own keyframes)
 //! or act on the server's TWCC feedback (it reads and drops all RTCP): on a load run the path
