@@ -17,7 +17,8 @@
 //!
 //! Files: `whip.rs` (HTTP signalling), `candidates.rs` (local addresses as ICE candidates),
 //! `driver.rs` (a session's str0m `Rtc`, socket and pacing), `source.rs` (demuxing, the shared
-//! clip), `annexb.rs` (H264 to Annex B), `load.rs` (`--sessions`: many sessions and their figures), `lean/` (the lean sender).
+//! clip), `annexb.rs` (H264 to Annex B), `load.rs` (`--sessions`: many sessions and their
+//! figures), `lean/` (the lean sender).
 //!
 //! Use from code (tests):
 //! ```text

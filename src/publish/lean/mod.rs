@@ -38,7 +38,7 @@ use str0m::format::Codec;
 use str0m::ice::{IceAgent, IceAgentEvent, IceCreds, StunMessage, StunPacket};
 use str0m::net::Protocol;
 use tokio::net::UdpSocket;
-use tracing::debug;
+use tracing::{debug, warn};
 use url::Url;
 
 use super::candidates::LocalAddrs;
@@ -429,6 +429,12 @@ impl Sender<'_> {
         stats.post_to_media = report.post_to_media;
         stats.packets_sent += report.packets;
         stats.packet_bytes_sent += report.packet_bytes;
+        if report.send_failures > 0 {
+            warn!(
+                dropped = report.send_failures,
+                "datagrams the UDP socket did not take (send buffer full or an error)"
+            );
+        }
         match report.error {
             Some(e) => bail!("{e}"),
             None => Ok(()),

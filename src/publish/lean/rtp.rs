@@ -6,8 +6,8 @@
 
 use crate::media::h264::split_annexb;
 
-/// RTP payload bytes per packet at most: a 1200-byte datagram less the RTP header, the
-/// `mid` extension and the SRTP tag.
+/// RTP payload bytes per packet at most: a 1200-byte datagram less the RTP header (12 bytes),
+/// its `mid` and TWCC extensions (12) and the SRTP tag (16).
 pub(super) const MAX_PAYLOAD: usize = 1140;
 /// The one-byte header extension profile (RFC 8285).
 const ONE_BYTE_EXT: u16 = 0xBEDE;
