@@ -2,7 +2,6 @@
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
@@ -15,7 +14,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::candidates::LocalAddrs;
-use super::load::{Failure, FailureKind, Live, lock};
+use super::load::{Failure, FailureKind, Live};
 use super::source::{ClipCursor, FrameKind, Frames, MediaFrame};
 use super::whip::{Signalling, accept_answer, restart_fragment};
 use super::{MAIN_RID, PublishOptions, PublishStats, Source, simulcast_rids};
@@ -424,8 +423,7 @@ impl Driver<'_> {
         self.stats.packets_sent += 1;
         self.stats.packet_bytes_sent += bytes as u64;
         if let Some(live) = self.live {
-            live.packets.fetch_add(1, Ordering::Relaxed);
-            live.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+            live.sent(1, bytes as u64);
         }
     }
 
@@ -488,8 +486,7 @@ impl Driver<'_> {
             let t = self.posted.elapsed();
             self.stats.post_to_media = Some(t);
             if let Some(live) = self.live {
-                lock(&live.post_to_media).push(t);
-                live.up.fetch_add(1, Ordering::Relaxed);
+                live.media_flowing(t);
             }
         }
         self.stats.bytes += len;
@@ -540,7 +537,7 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
 }
 
 /// Microseconds to ticks of a `clock` Hz clock, rounded to nearest.
-fn rescale(us: u64, clock: u32) -> u64 {
+pub(super) fn rescale(us: u64, clock: u32) -> u64 {
     let ticks = (u128::from(us) * u128::from(clock) + 500_000) / 1_000_000;
     u64::try_from(ticks).unwrap_or(u64::MAX)
 }

@@ -22,12 +22,12 @@ use super::{
 #[derive(Default)]
 pub(super) struct Live {
     pub(super) started: AtomicU64,
-    pub(super) up: AtomicU64,
+    up: AtomicU64,
     failed: AtomicU64,
-    pub(super) packets: AtomicU64,
-    pub(super) bytes: AtomicU64,
-    pub(super) post_to_201: Mutex<Vec<Duration>>,
-    pub(super) post_to_media: Mutex<Vec<Duration>>,
+    packets: AtomicU64,
+    bytes: AtomicU64,
+    post_to_201: Mutex<Vec<Duration>>,
+    post_to_media: Mutex<Vec<Duration>>,
     errors: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -36,6 +36,23 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Live {
+    /// A session's POST was answered after `setup`.
+    pub(super) fn answered(&self, setup: Duration) {
+        lock(&self.post_to_201).push(setup);
+    }
+
+    /// A session's first frame went out `post_to_media` after its POST: it is up.
+    pub(super) fn media_flowing(&self, post_to_media: Duration) {
+        lock(&self.post_to_media).push(post_to_media);
+        self.up.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Datagrams sent.
+    pub(super) fn sent(&self, packets: u64, bytes: u64) {
+        self.packets.fetch_add(packets, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
     pub(super) fn failed(&self, e: &anyhow::Error) {
         self.failed.fetch_add(1, Ordering::Relaxed);
         *lock(&self.errors).entry(failure_kind(e)).or_default() += 1;

@@ -45,7 +45,7 @@ use url::Url;
 use crate::rtc::tcp::TcpLinks;
 use candidates::{LocalAddrs, add_host_candidate};
 use driver::{Driver, Track};
-use load::{Live, lock, run_many};
+use load::{Live, run_many};
 use source::{Clip, Demuxer, MediaInfo};
 use whip::{
     Signalling, accept_answer, delete_session, post_offer, remote_candidate_ips, resolve_host,
@@ -510,7 +510,7 @@ impl Session<'_> {
         let setup = posted.elapsed();
         stats.post_to_201 = Some(setup);
         if let Some(live) = &self.live {
-            lock(&live.post_to_201).push(setup);
+            live.answered(setup);
         }
         note!(self.verbose, location = %session.location, "WHIP session created");
         stats.location = Some(session.location.clone());

@@ -25,7 +25,6 @@
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::pin;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -42,7 +41,7 @@ use tracing::{debug, warn};
 use url::Url;
 
 use super::candidates::LocalAddrs;
-use super::load::{Failure, FailureKind, Live, lock};
+use super::load::{Failure, FailureKind, Live};
 use super::source::{Clip, ClipCursor, MediaInfo};
 use super::whip::{delete_session, post_offer, remote_candidate_ips, resolve_host};
 use super::{PublishOptions, PublishStats};
@@ -162,7 +161,7 @@ impl LeanSession<'_> {
         stats.post_to_201 = Some(setup);
         stats.location = Some(session.location.clone());
         if let Some(live) = &self.live {
-            lock(&live.post_to_201).push(setup);
+            live.answered(setup);
         }
 
         let result = async {
@@ -178,8 +177,7 @@ impl LeanSession<'_> {
             });
             for c in &answer.candidates {
                 match Candidate::from_sdp_string(c) {
-                    Ok(c) if c.proto() == Protocol::Udp => ice.add_remote_candidate(c),
-                    Ok(_) => {}
+                    Ok(c) => ice.add_remote_candidate(c),
                     Err(e) => debug!("skipping the server's candidate {c}: {e}"),
                 }
             }
@@ -544,8 +542,7 @@ impl Sender<'_> {
                         self.stats.packets_sent += 1;
                         self.stats.packet_bytes_sent += sent as u64;
                         if let Some(live) = &self.live {
-                            live.packets.fetch_add(1, Ordering::Relaxed);
-                            live.bytes.fetch_add(sent as u64, Ordering::Relaxed);
+                            live.sent(1, sent as u64);
                         }
                     }
                     Err(e) => debug!("UDP send to {to} failed: {e}"),

@@ -23,7 +23,7 @@ use tracing::{debug, warn};
 use super::DATAGRAM;
 use super::rtp::{RtpStream, ntp_time};
 use super::srtp::{SrtpError, SrtpSender};
-use crate::publish::load::{Live, lock};
+use crate::publish::load::Live;
 use crate::publish::source::{ClipCursor, FrameKind, MediaFrame};
 
 /// How often a pacer sends what is due.
@@ -249,8 +249,7 @@ impl Running {
             let t = self.lane.posted.elapsed();
             report.post_to_media = Some(t);
             if let Some(live) = &self.lane.live {
-                lock(&live.post_to_media).push(t);
-                live.up.fetch_add(1, Ordering::Relaxed);
+                live.media_flowing(t);
             }
         }
         report.bytes += frame.data.len() as u64;
@@ -299,8 +298,7 @@ impl Running {
                     self.report.packets += packets as u64;
                     self.report.packet_bytes += bytes as u64;
                     if let Some(live) = &self.lane.live {
-                        live.packets.fetch_add(packets as u64, Ordering::Relaxed);
-                        live.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+                        live.sent(packets as u64, bytes as u64);
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}

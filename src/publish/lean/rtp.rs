@@ -15,14 +15,14 @@ const FU_A: u8 = 28;
 
 /// One outgoing RTP stream: its SSRC, payload type, sequence numbers and counters.
 pub(super) struct RtpStream {
-    pub(super) ssrc: u32,
+    ssrc: u32,
     pt: u8,
     /// The next sequence number.
     seq: u16,
     /// Times `seq` wrapped (the SRTP rollover counter).
     roc: u32,
     /// Clock rate in Hz.
-    pub(super) clock: u32,
+    clock: u32,
     /// Added to every timestamp (random, RFC 3550 §5.1).
     ts_offset: u32,
     /// The `urn:ietf:params:rtp-hdrext:sdes:mid` extension: its id and the mid.
@@ -30,8 +30,8 @@ pub(super) struct RtpStream {
     /// The id of the transport-wide sequence number extension (TWCC).
     twcc: Option<u8>,
     /// Packets and payload octets sent, for the sender report.
-    pub(super) packets: u32,
-    pub(super) octets: u32,
+    packets: u32,
+    octets: u32,
     /// The RTP timestamp of the last frame and when (µs of media time) it was due.
     last: Option<(u32, u64)>,
 }
@@ -63,7 +63,7 @@ impl RtpStream {
 
     /// The RTP timestamp of a presentation time in microseconds.
     pub(super) fn timestamp(&self, pts_us: u64) -> u32 {
-        let ticks = (u128::from(pts_us) * u128::from(self.clock) + 500_000) / 1_000_000;
+        let ticks = crate::publish::driver::rescale(pts_us, self.clock);
         // RTP timestamps wrap: keep the low 32 bits.
         self.ts_offset.wrapping_add(ticks as u32)
     }

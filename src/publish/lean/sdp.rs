@@ -122,11 +122,21 @@ pub(super) enum AnswerError {
     Missing(&'static str),
     #[error("the SDP answer's fingerprint is not sha-256 hex: {0:?}")]
     Fingerprint(String),
+    #[error("the SDP answer's ICE attributes: {0}")]
+    Ice(String),
 }
 
 impl Answer {
+    /// ICE credentials and candidates are read as the server reads a trickle fragment
+    /// (`rtc::trickle`: candidates it cannot use, TCP or mDNS, are dropped); the rest here.
     pub(super) fn parse(sdp: &str) -> Result<Self, AnswerError> {
-        let mut a = Answer::default();
+        let ice = crate::rtc::trickle::parse(sdp).map_err(AnswerError::Ice)?;
+        let mut a = Answer {
+            ufrag: ice.ufrag.unwrap_or_default(),
+            pwd: ice.pwd.unwrap_or_default(),
+            candidates: ice.candidates,
+            ..Answer::default()
+        };
         let mut setup = None;
         for line in sdp.lines().map(str::trim_end) {
             if let Some(m) = line.strip_prefix("m=") {
@@ -149,10 +159,7 @@ impl Answer {
             };
             let (name, value) = attr.split_once(':').unwrap_or((attr, ""));
             match name {
-                "ice-ufrag" if a.ufrag.is_empty() => a.ufrag = value.to_owned(),
-                "ice-pwd" if a.pwd.is_empty() => a.pwd = value.to_owned(),
                 "setup" if setup.is_none() => setup = Some(value.to_owned()),
-                "candidate" => a.candidates.push(attr.to_owned()),
                 "fingerprint" if a.fingerprint.is_empty() => {
                     let (hash, hex) = value.split_once(' ').unwrap_or(("", ""));
                     if !hash.eq_ignore_ascii_case("sha-256") {
@@ -260,19 +267,24 @@ mod tests {
             .join(":");
         let sdp = format!(
             "v=0\r\na=ice-lite\r\na=group:BUNDLE 0 1\r\nm=video 9 UDP/TLS/RTP/SAVPF 102\r\n\
-             a=ice-ufrag:su\r\na=ice-pwd:sp\r\na=fingerprint:sha-256 {fp}\r\na=setup:passive\r\n\
+             a=ice-ufrag:su\r\na=ice-pwd:sp0123456789abcdefghij\r\na=fingerprint:sha-256 {fp}\r\na=setup:passive\r\n\
              a=mid:0\r\na=extmap:7 urn:ietf:params:rtp-hdrext:sdes:mid\r\n\
              a=extmap:5 {TWCC_EXT_URI}\r\na=recvonly\r\n\
              a=candidate:1 1 udp 1 127.0.0.1 8189 typ host\r\n\
+             a=candidate:2 1 tcp 1 127.0.0.1 8189 typ host tcptype passive\r\n\
              m=audio 0 UDP/TLS/RTP/SAVPF 111\r\na=mid:1\r\n"
         );
         let a = Answer::parse(&sdp).unwrap();
-        assert_eq!((a.ufrag.as_str(), a.pwd.as_str()), ("su", "sp"));
+        assert_eq!(
+            (a.ufrag.as_str(), a.pwd.as_str()),
+            ("su", "sp0123456789abcdefghij")
+        );
         assert_eq!(a.fingerprint, (0..32).collect::<Vec<u8>>());
         assert!(!a.answerer_active);
         assert_eq!(
             a.candidates,
-            ["candidate:1 1 udp 1 127.0.0.1 8189 typ host"]
+            ["candidate:1 1 udp 1 127.0.0.1 8189 typ host ufrag su"],
+            "the UDP candidate, with its ufrag; the TCP one is dropped"
         );
         let video = a.accepted("0", 102).unwrap();
         assert_eq!((video.mid_ext, video.twcc_ext), (Some(7), Some(5)));
@@ -286,7 +298,7 @@ mod tests {
             Answer::parse("v=0\r\nm=video 9 X 1\r\n"),
             Err(AnswerError::Missing("ice-ufrag/ice-pwd"))
         );
-        let no_fp = "a=ice-ufrag:u\r\na=ice-pwd:p\r\n";
+        let no_fp = "a=ice-ufrag:u\r\na=ice-pwd:p0123456789abcdefghijk\r\n";
         assert_eq!(
             Answer::parse(no_fp),
             Err(AnswerError::Missing("sha-256 fingerprint"))
