@@ -461,7 +461,7 @@ impl Session<'_> {
         let port = socket.local_addr().context("UDP socket address")?.port();
 
         let mut rtc = RtcConfig::new()
-            .set_crypto_provider(Arc::new(str0m::crypto::from_feature_flags()))
+            .set_crypto_provider(Arc::clone(crate::rtc::crypto::provider()))
             .clear_codecs()
             .enable_h264(info.video_codec == Codec::H264)
             .enable_vp8(info.video_codec == Codec::Vp8)

@@ -208,7 +208,7 @@ impl Driver {
     ) -> std::io::Result<Self> {
         let socket = Udp::new(socket)?;
         let port = socket.local_addr()?.port();
-        let cert = str0m::crypto::from_feature_flags()
+        let cert = super::crypto::provider()
             .dtls_provider
             .generate_certificate();
         Ok(Self {
@@ -716,6 +716,7 @@ fn negotiate(
     let offer = offer.replace("a=sendrecv", "a=sendonly");
     let sdp = SdpOffer::from_sdp_string(&offer).map_err(|e| RtcError::Sdp(e.to_string()))?;
     let mut config = RtcConfig::new()
+        .set_crypto_provider(Arc::clone(super::crypto::provider()))
         .set_ice_lite(true)
         .clear_codecs()
         .enable_opus(accepted.audio.is_some(), false)
@@ -1034,7 +1035,8 @@ mod tests {
     /// A real offer from a str0m client sending Opus and the video codecs
     /// `video` enables.
     fn client_offer_with(video: impl FnOnce(RtcConfig) -> RtcConfig) -> String {
-        str0m::crypto::from_feature_flags().install_process_default();
+        str0m::config::CryptoProvider::clone(crate::rtc::crypto::provider())
+            .install_process_default();
         let mut client = video(RtcConfig::new().clear_codecs())
             .enable_opus(true, false)
             .build(Instant::now());

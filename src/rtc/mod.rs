@@ -2,6 +2,7 @@
 //! sees [`RtcHandle`] (create, close, ask for a keyframe) and frames arriving
 //! on stream hubs.
 
+pub mod crypto;
 mod driver;
 pub mod ingest;
 pub mod offer;
@@ -95,7 +96,7 @@ impl RtcHandle {
         candidate_ips: Vec<IpAddr>,
         idle_timeout: Duration,
     ) -> std::io::Result<Self> {
-        str0m::crypto::from_feature_flags().install_process_default();
+        str0m::config::CryptoProvider::clone(crypto::provider()).install_process_default();
         let socket = bind_udp(listen)?;
         let local_addr = socket.local_addr()?;
         let tcp = match tcp_listen {

@@ -74,7 +74,7 @@ fn crypto() -> anyhow::Result<&'static (CryptoProvider, DtlsCert, String)> {
     static CRYPTO: OnceLock<Option<(CryptoProvider, DtlsCert, String)>> = OnceLock::new();
     CRYPTO
         .get_or_init(|| {
-            let provider = str0m::crypto::from_feature_flags();
+            let provider = CryptoProvider::clone(crate::rtc::crypto::provider());
             let cert = provider.dtls_provider.generate_certificate()?;
             let digest = provider.sha256_provider.sha256(&cert.certificate);
             let fingerprint = digest

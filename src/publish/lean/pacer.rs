@@ -241,7 +241,7 @@ impl Running {
                 let n = srtp.protect_rtp(packet, header, roc, &mut out[at..])?;
                 out.truncate(at + n);
                 lens.push(n);
-                Ok(())
+                Ok::<_, SrtpError>(())
             },
         )?;
         let report = &mut self.report;

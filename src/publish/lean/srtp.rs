@@ -1,16 +1,17 @@
 //! The sending half of SRTP and SRTCP (RFC 3711, RFC 7714), keyed from DTLS-SRTP (RFC 5764).
 //!
 //! Sans-IO: [`SrtpSender::protect_rtp`] turns a plain RTP packet into an SRTP one in a caller's
-//! buffer, [`SrtpSender::protect_rtcp`] does the same for a compound RTCP packet. AES-GCM is
-//! ring's; AES-CM, the SHA-1 HMAC and the key derivation's AES rounds come from str0m's crypto
-//! provider (OpenSSL). The key derivation, the packet layouts and the indexes are here.
+//! buffer, [`SrtpSender::protect_rtcp`] does the same for a compound RTCP packet. The ciphers
+//! come from the crypto provider (`rtc::crypto`: AES-GCM from ring, the rest OpenSSL's); the
+//! key derivation, the packet layouts and the indexes are here.
 
-use ring::aead::{self, Aad, LessSafeKey, Nonce, UnboundKey};
+use crate::rtc::crypto::Gcm;
+use ring::aead;
 use str0m::config::CryptoProvider;
 use str0m::crypto::dtls::SrtpProfile;
 use str0m::crypto::{
-    AeadAes128Gcm, AeadAes256Gcm, Aes128CmSha1_80, Aes128CmSha1_80Cipher, Sha1HmacProvider,
-    SrtpProvider,
+    AeadAes128Gcm, AeadAes256Gcm, Aes128CmSha1_80, Aes128CmSha1_80Cipher, CryptoError,
+    Sha1HmacProvider, SrtpProvider,
 };
 
 /// Key derivation labels (RFC 3711 §4.3.1).
@@ -43,7 +44,7 @@ pub(super) enum SrtpError {
     #[error("SRTP profile {0:?} is not supported")]
     Profile(SrtpProfile),
     #[error("SRTP encryption failed: {0}")]
-    Cipher(String),
+    Cipher(#[from] CryptoError),
     #[error("packet of {0} bytes does not fit the output buffer")]
     TooLarge(usize),
 }
@@ -81,10 +82,9 @@ enum Keys {
         auth: [u8; Aes128CmSha1_80::HMAC_KEY_LEN],
         salt: [u8; Aes128CmSha1_80::SALT_LEN],
     },
-    /// AEAD_AES_128_GCM or AEAD_AES_256_GCM (RFC 7714), sealed with ring: about twice as
-    /// fast per packet as OpenSSL's EVP interface, which sets its context up on every call.
+    /// AEAD_AES_128_GCM or AEAD_AES_256_GCM (RFC 7714).
     Gcm {
-        key: Box<LessSafeKey>,
+        key: Box<Gcm>,
         salt: [u8; AeadAes128Gcm::SALT_LEN],
     },
 }
@@ -131,34 +131,11 @@ impl Keys {
         let mut salt = [0; AeadAes128Gcm::SALT_LEN];
         master.derive(srtp, key_label, key);
         master.derive(srtp, salt_label, &mut salt);
-        let key = UnboundKey::new(algorithm, key).expect("the key has the algorithm's length");
         Self::Gcm {
-            key: Box::new(LessSafeKey::new(key)),
+            key: Box::new(Gcm::new(algorithm, key)),
             salt,
         }
     }
-}
-
-/// Seals `out[from..end]` in place with `aad`, and writes the tag after it; returns where the
-/// tag ends.
-fn seal(
-    key: &LessSafeKey,
-    iv: [u8; 12],
-    aad: &[u8],
-    out: &mut [u8],
-    from: usize,
-    end: usize,
-) -> Result<usize, SrtpError> {
-    let tag = key
-        .seal_in_place_separate_tag(
-            Nonce::assume_unique_for_key(iv),
-            Aad::from(aad),
-            &mut out[from..end],
-        )
-        .map_err(|_| SrtpError::Cipher("AES-GCM sealing failed".to_owned()))?;
-    let tag = tag.as_ref();
-    out[end..end + tag.len()].copy_from_slice(tag);
-    Ok(end + tag.len())
 }
 
 /// Key and salt lengths of a profile's master key.
@@ -248,9 +225,7 @@ impl SrtpSender {
             Keys::CmSha1 { cipher, auth, salt } => {
                 let index = (u64::from(roc) << 16) | u64::from(seq);
                 let iv = Aes128CmSha1_80::rtp_iv(*salt, ssrc, index);
-                cipher
-                    .encrypt(&iv, payload, &mut out[header_len..end + CTR_SCRATCH])
-                    .map_err(|e| SrtpError::Cipher(e.to_string()))?;
+                cipher.encrypt(&iv, payload, &mut out[header_len..end + CTR_SCRATCH])?;
                 let hmac = self.hmac;
                 Aes128CmSha1_80::rtp_hmac(|k, d| hmac.sha1_hmac(k, d), auth, out, index, end);
                 Ok(end + Aes128CmSha1_80::HMAC_TAG_LEN)
@@ -258,7 +233,8 @@ impl SrtpSender {
             Keys::Gcm { key, salt } => {
                 let iv = AeadAes128Gcm::rtp_iv(*salt, ssrc, roc, seq);
                 out[header_len..end].copy_from_slice(payload);
-                seal(key, iv, header, out, header_len, end)
+                Ok(header_len
+                    + key.seal_in_place(iv, header, &mut out[header_len..], end - header_len)?)
             }
         }
     }
@@ -283,9 +259,7 @@ impl SrtpSender {
         match &mut self.rtcp {
             Keys::CmSha1 { cipher, auth, salt } => {
                 let iv = Aes128CmSha1_80::rtp_iv(*salt, ssrc, u64::from(index));
-                cipher
-                    .encrypt(&iv, body, &mut out[8..end + CTR_SCRATCH])
-                    .map_err(|e| SrtpError::Cipher(e.to_string()))?;
+                cipher.encrypt(&iv, body, &mut out[8..end + CTR_SCRATCH])?;
                 out[end..end + SRTCP_INDEX_LEN].copy_from_slice(&e_index);
                 let signed = end + SRTCP_INDEX_LEN;
                 let hmac = self.hmac;
@@ -298,7 +272,7 @@ impl SrtpSender {
                 aad[..8].copy_from_slice(header);
                 aad[8..].copy_from_slice(&e_index);
                 out[8..end].copy_from_slice(body);
-                let to = seal(key, iv, &aad, out, 8, end)?;
+                let to = 8 + key.seal_in_place(iv, &aad, &mut out[8..], end - 8)?;
                 out[to..to + SRTCP_INDEX_LEN].copy_from_slice(&e_index);
                 Ok(to + SRTCP_INDEX_LEN)
             }
