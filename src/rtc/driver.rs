@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::ingest::Ingest;
 use super::offer::{self, Accepted};
 use super::tcp::TcpEvent;
-use super::udp::{Clocks, Udp};
+use super::udp::{self, Clocks, RecvBatch, Udp};
 use super::{Created, RtcError, TimerGrid};
 use crate::hub::{Hub, IngressStats, KeyframeRequester, Publication};
 use crate::media::frame::{Codec as FrameCodec, TrackKind};
@@ -231,7 +231,7 @@ impl Driver {
     }
 
     pub(super) async fn run(mut self) {
-        let mut buf = vec![0u8; 2048];
+        let mut batch = self.socket.batch();
         let mut out: Vec<Outgoing> = Vec::new();
         // One timer for the sessions' deadlines, moved as the earliest one
         // moves (a new one per datagram was a timer-wheel insert and
@@ -273,10 +273,10 @@ impl Driver {
                     waiting = None;
                     empty_reads = 0;
                     tick.reset();
-                    self.read_socket(&mut buf, &mut out);
+                    self.read_socket(&mut batch, &mut out);
                 }
                 _ = tick.tick(), if waiting.is_none() => {
-                    if self.read_socket(&mut buf, &mut out) > 0 {
+                    if self.read_socket(&mut batch, &mut out) > 0 {
                         empty_reads = 0;
                     } else {
                         empty_reads += 1;
@@ -315,16 +315,22 @@ impl Driver {
 
     /// Reads what the socket holds (up to [`RECV_BATCH`] datagrams), each
     /// to its session. Returns how many it read.
-    fn read_socket(&mut self, buf: &mut [u8], out: &mut Vec<Outgoing>) -> usize {
+    fn read_socket(&mut self, batch: &mut RecvBatch, out: &mut Vec<Outgoing>) -> usize {
         let clocks = Clocks::read();
         let (mut packets, mut bytes) = (0, 0);
         while packets < RECV_BATCH {
-            match self.socket.recv(buf, &clocks) {
-                Ok(r) => {
-                    let touched = self.datagram(&buf[..r.len], r.source, Protocol::Udp, r.at);
-                    self.run_sessions(r.at, touched, out);
-                    packets += 1;
-                    bytes += r.len as u64;
+            match self.socket.recv(batch, &clocks) {
+                Ok(read) => {
+                    for (data, r) in batch.datagrams() {
+                        let touched = self.datagram(data, r.source, Protocol::Udp, r.at);
+                        self.run_sessions(r.at, touched, out);
+                        bytes += data.len() as u64;
+                    }
+                    packets += read;
+                    // A short batch emptied the socket: no read to learn so.
+                    if read < udp::BATCH {
+                        break;
+                    }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) => {

@@ -1,8 +1,8 @@
-//! The driver's UDP socket, read without waiting: each datagram comes with
-//! the time the kernel received it (`SO_TIMESTAMPNS`), so the driver may read
-//! in batches every few milliseconds and still give str0m every packet's true
-//! arrival time (TWCC feedback reports them to the publisher's bandwidth
-//! estimator).
+//! The driver's UDP socket, read without waiting, many datagrams to a system
+//! call (`recvmmsg`): each datagram comes with the time the kernel received it
+//! (`SO_TIMESTAMPNS`), so the driver may read in batches every few
+//! milliseconds and still give str0m every packet's true arrival time (TWCC
+//! feedback reports them to the publisher's bandwidth estimator).
 
 use std::io::{self, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
@@ -10,7 +10,7 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::socket::{
-    ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg, setsockopt, sockopt,
+    ControlMessageOwned, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, setsockopt, sockopt,
 };
 use nix::sys::time::TimeSpec;
 
@@ -18,11 +18,32 @@ use nix::sys::time::TimeSpec;
 /// wall-clock step) counts as arrived now.
 const MAX_AGE: Duration = Duration::from_secs(1);
 
+/// Datagrams read by one system call at most.
+pub(super) const BATCH: usize = 32;
+/// Bytes of a datagram read at most (a longer one is cut short, and str0m
+/// rejects it).
+const DATAGRAM: usize = 2048;
+
 pub(super) struct Udp {
     socket: UdpSocket,
-    /// Space for the timestamp control message.
-    cmsg: Vec<u8>,
     timestamps: bool,
+}
+
+/// Room for a batch of datagrams, reused from read to read.
+pub(super) struct RecvBatch {
+    bufs: Box<[[u8; DATAGRAM]]>,
+    /// The system call's message headers, with room for each datagram's
+    /// source address and timestamp.
+    headers: MultiHeaders<SockaddrStorage>,
+    /// What the last read returned: each datagram's buffer and metadata.
+    got: Vec<(usize, Received)>,
+}
+
+impl RecvBatch {
+    /// The datagrams the last read returned, each with its bytes.
+    pub fn datagrams(&self) -> impl Iterator<Item = (&[u8], &Received)> {
+        self.got.iter().map(|(i, r)| (&self.bufs[*i][..r.len], r))
+    }
 }
 
 /// A datagram's source, length and arrival time.
@@ -70,45 +91,59 @@ impl Udp {
                 false
             }
         };
-        Ok(Self {
-            socket,
-            cmsg: nix::cmsg_space!(TimeSpec),
-            timestamps,
-        })
+        Ok(Self { socket, timestamps })
+    }
+
+    /// Room for reading batches from this socket.
+    pub fn batch(&self) -> RecvBatch {
+        let cmsg = self.timestamps.then(|| nix::cmsg_space!(TimeSpec));
+        RecvBatch {
+            bufs: vec![[0; DATAGRAM]; BATCH].into_boxed_slice(),
+            headers: MultiHeaders::preallocate(BATCH, cmsg),
+            got: Vec::with_capacity(BATCH),
+        }
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.socket.local_addr()
     }
 
-    /// The next datagram, if one is queued (`WouldBlock` when none is).
-    pub fn recv(&mut self, buf: &mut [u8], clocks: &Clocks) -> io::Result<Received> {
-        let mut iov = [IoSliceMut::new(buf)];
-        let cmsg = self.timestamps.then_some(self.cmsg.as_mut_slice());
-        let msg = recvmsg::<SockaddrStorage>(
+    /// Reads the datagrams queued, up to [`BATCH`], into `batch`; returns
+    /// how many (`WouldBlock` when none is). A datagram without an IP
+    /// source address (none arrive on an IP socket) is skipped.
+    pub fn recv(&self, batch: &mut RecvBatch, clocks: &Clocks) -> io::Result<usize> {
+        batch.got.clear();
+        let mut bufs = batch.bufs.iter_mut();
+        let mut iovs: [[IoSliceMut; 1]; BATCH] = std::array::from_fn(|_| {
+            [IoSliceMut::new(
+                bufs.next().expect("the batch has BATCH buffers"),
+            )]
+        });
+        let msgs = recvmmsg(
             self.socket.as_raw_fd(),
-            &mut iov,
-            cmsg,
+            &mut batch.headers,
+            iovs.iter_mut(),
             MsgFlags::MSG_DONTWAIT,
+            None,
         )?;
-        let source = msg
-            .address
-            .as_ref()
-            .and_then(socket_addr)
-            .ok_or_else(|| io::Error::other("datagram without an IP source address"))?;
-        let mut at = clocks.now;
-        if let Ok(cmsgs) = msg.cmsgs() {
-            for c in cmsgs {
-                if let ControlMessageOwned::ScmTimestampns(ts) = c {
-                    at = clocks.arrival(Duration::from(ts));
+        let mut read = 0;
+        for (i, msg) in msgs.enumerate() {
+            read += 1;
+            let Some(source) = msg.address.as_ref().and_then(socket_addr) else {
+                continue;
+            };
+            let mut at = clocks.now;
+            if let Ok(cmsgs) = msg.cmsgs() {
+                for c in cmsgs {
+                    if let ControlMessageOwned::ScmTimestampns(ts) = c {
+                        at = clocks.arrival(Duration::from(ts));
+                    }
                 }
             }
+            let len = msg.bytes.min(DATAGRAM);
+            batch.got.push((i, Received { len, source, at }));
         }
-        Ok(Received {
-            len: msg.bytes,
-            source,
-            at,
-        })
+        Ok(read)
     }
 
     /// Sends without waiting; a full send buffer is an error (`WouldBlock`).
@@ -150,32 +185,46 @@ mod tests {
     }
 
     #[test]
-    fn datagrams_arrive_with_their_source_and_a_timestamp_from_before_the_read() {
+    fn datagrams_arrive_in_batches_with_their_source_and_a_timestamp_from_before_the_read() {
         let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
         let to = rx.local_addr().unwrap();
-        let mut rx = Udp::new(rx).unwrap();
+        let rx = Udp::new(rx).unwrap();
+        let mut batch = rx.batch();
         // The kernel turns arrival stamping on in deferred work after the
         // first socket asks for it (until then a datagram is stamped when it
         // is read); a server's socket asks once, at start.
         std::thread::sleep(Duration::from_millis(200));
         let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
-        let mut buf = [0u8; 1500];
         assert_eq!(
-            rx.recv(&mut buf, &Clocks::read()).err().map(|e| e.kind()),
+            rx.recv(&mut batch, &Clocks::read()).err().map(|e| e.kind()),
             Some(io::ErrorKind::WouldBlock)
         );
-        tx.send_to(b"first", to).unwrap();
-        tx.send_to(b"second", to).unwrap();
+        // More than a batch: the first read takes BATCH, the next the rest.
+        let sent: Vec<Vec<u8>> = (0..BATCH + 3)
+            .map(|i| format!("datagram {i}").into_bytes())
+            .collect();
+        for d in &sent {
+            tx.send_to(d, to).unwrap();
+        }
         std::thread::sleep(Duration::from_millis(30));
         let clocks = Clocks::read();
-        let a = rx.recv(&mut buf, &clocks).unwrap();
-        assert_eq!(&buf[..a.len], b"first");
-        assert_eq!(a.source, tx.local_addr().unwrap());
-        let b = rx.recv(&mut buf, &clocks).unwrap();
-        assert_eq!(&buf[..b.len], b"second");
-        // Stamped when they arrived, about 30 ms before this read.
-        let age = clocks.now - a.at;
+        assert_eq!(rx.recv(&mut batch, &clocks).unwrap(), BATCH);
+        let first: Vec<(Vec<u8>, SocketAddr, Instant)> = batch
+            .datagrams()
+            .map(|(d, r)| (d.to_vec(), r.source, r.at))
+            .collect();
+        assert_eq!(rx.recv(&mut batch, &clocks).unwrap(), 3);
+        let rest: Vec<Vec<u8>> = batch.datagrams().map(|(d, _)| d.to_vec()).collect();
+        let got: Vec<Vec<u8>> = first.iter().map(|(d, ..)| d.clone()).chain(rest).collect();
+        assert_eq!(got, sent);
+        assert!(first.iter().all(|(_, s, _)| *s == tx.local_addr().unwrap()));
+        // Stamped when they arrived, about 30 ms before this read, in order.
+        let age = clocks.now - first[0].2;
         assert!(age >= Duration::from_millis(20), "{age:?}");
-        assert!(b.at >= a.at);
+        assert!(first.windows(2).all(|w| w[1].2 >= w[0].2));
+        assert_eq!(
+            rx.recv(&mut batch, &clocks).err().map(|e| e.kind()),
+            Some(io::ErrorKind::WouldBlock)
+        );
     }
 }
