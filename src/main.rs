@@ -7,6 +7,11 @@ use clap::{Parser, Subcommand};
 use whipgate::config::{self, Config, Overrides};
 use whipgate::{publish, server};
 
+/// mimalloc: str0m allocates a few times per packet, and segments of a few hundred KiB come
+/// and go every couple of seconds per stream.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "whipgate",
