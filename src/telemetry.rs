@@ -169,7 +169,8 @@ pub fn counters() -> &'static Counters {
 /// Why a packet was dropped before reaching a session.
 #[derive(Debug, Clone, Copy)]
 pub enum PacketDrop {
-    /// Neither STUN, DTLS, RTP nor RTCP.
+    /// Neither STUN, DTLS, RTP nor RTCP, or longer than the driver reads
+    /// (2048 bytes).
     Unparsable,
     /// No session accepts it (unknown ICE credentials or sender).
     NoSession,

@@ -161,9 +161,11 @@ impl Gcm {
         out.copy_from_slice(ciphertext);
         let nonce = Nonce::assume_unique_for_key(*iv);
         let opened = match aads {
-            [aad] => self
-                .key
-                .open_in_place_separate_tag(nonce, Aad::from(aad), tag, out, 0..),
+            // str0m passes an encrypted SRTCP packet's AAD with an empty second part.
+            [aad] | [aad, []] => {
+                self.key
+                    .open_in_place_separate_tag(nonce, Aad::from(aad), tag, out, 0..)
+            }
             _ => {
                 self.key
                     .open_in_place_separate_tag(nonce, Aad::from(aads.concat()), tag, out, 0..)

@@ -14,14 +14,16 @@ use nix::sys::socket::{
 };
 use nix::sys::time::TimeSpec;
 
+use crate::telemetry::{self, PacketDrop};
+
 /// Oldest arrival time taken from a kernel timestamp; anything older (a
 /// wall-clock step) counts as arrived now.
 const MAX_AGE: Duration = Duration::from_secs(1);
 
 /// Datagrams read by one system call at most.
 pub(super) const BATCH: usize = 32;
-/// Bytes of a datagram read at most (a longer one is cut short, and str0m
-/// rejects it).
+/// Bytes of a datagram read at most (a longer one is dropped: WebRTC keeps
+/// its datagrams under the path MTU).
 const DATAGRAM: usize = 2048;
 
 pub(super) struct Udp {
@@ -96,12 +98,18 @@ impl Udp {
 
     /// Room for reading batches from this socket.
     pub fn batch(&self) -> RecvBatch {
-        let cmsg = self.timestamps.then(|| nix::cmsg_space!(TimeSpec));
         RecvBatch {
             bufs: vec![[0; DATAGRAM]; BATCH].into_boxed_slice(),
-            headers: MultiHeaders::preallocate(BATCH, cmsg),
+            headers: self.headers(),
             got: Vec::with_capacity(BATCH),
         }
+    }
+
+    /// Message headers for a batch, with room for an address and a
+    /// timestamp each.
+    fn headers(&self) -> MultiHeaders<SockaddrStorage> {
+        let cmsg = self.timestamps.then(|| nix::cmsg_space!(TimeSpec));
+        MultiHeaders::preallocate(BATCH, cmsg)
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -109,8 +117,9 @@ impl Udp {
     }
 
     /// Reads the datagrams queued, up to [`BATCH`], into `batch`; returns
-    /// how many (`WouldBlock` when none is). A datagram without an IP
-    /// source address (none arrive on an IP socket) is skipped.
+    /// how many (`WouldBlock` when none is). A datagram longer than
+    /// [`DATAGRAM`] is dropped and counted; one without an IP source address
+    /// (none arrive on an IP socket) is skipped.
     pub fn recv(&self, batch: &mut RecvBatch, clocks: &Clocks) -> io::Result<usize> {
         batch.got.clear();
         let mut bufs = batch.bufs.iter_mut();
@@ -126,9 +135,17 @@ impl Udp {
             MsgFlags::MSG_DONTWAIT,
             None,
         )?;
-        let mut read = 0;
+        let (mut read, mut cut_control) = (0, false);
         for (i, msg) in msgs.enumerate() {
             read += 1;
+            // The kernel shrinks a header's control length to what it wrote,
+            // and the headers are reused: a datagram that came without a
+            // timestamp would leave its slot without room for the next.
+            cut_control |= msg.flags.contains(MsgFlags::MSG_CTRUNC);
+            if msg.flags.contains(MsgFlags::MSG_TRUNC) {
+                telemetry::packet_dropped(PacketDrop::Unparsable);
+                continue;
+            }
             let Some(source) = msg.address.as_ref().and_then(socket_addr) else {
                 continue;
             };
@@ -140,8 +157,11 @@ impl Udp {
                     }
                 }
             }
-            let len = msg.bytes.min(DATAGRAM);
+            let len = msg.bytes;
             batch.got.push((i, Received { len, source, at }));
+        }
+        if cut_control {
+            batch.headers = self.headers();
         }
         Ok(read)
     }
@@ -226,5 +246,20 @@ mod tests {
             rx.recv(&mut batch, &clocks).err().map(|e| e.kind()),
             Some(io::ErrorKind::WouldBlock)
         );
+    }
+
+    #[test]
+    fn a_datagram_longer_than_the_buffer_is_dropped_not_cut() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = rx.local_addr().unwrap();
+        let rx = Udp::new(rx).unwrap();
+        let mut batch = rx.batch();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.send_to(&[1; DATAGRAM + 500], to).unwrap();
+        tx.send_to(b"small", to).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(rx.recv(&mut batch, &Clocks::read()).unwrap(), 2);
+        let got: Vec<&[u8]> = batch.datagrams().map(|(d, _)| d).collect();
+        assert_eq!(got, vec![&b"small"[..]]);
     }
 }

@@ -1,11 +1,12 @@
 //! The sending half of SRTP and SRTCP (RFC 3711, RFC 7714), keyed from DTLS-SRTP (RFC 5764).
 //!
 //! Sans-IO: [`SrtpSender::protect_rtp`] turns a plain RTP packet into an SRTP one in a caller's
-//! buffer, [`SrtpSender::protect_rtcp`] does the same for a compound RTCP packet. The ciphers
-//! come from the crypto provider (`rtc::crypto`: AES-GCM from ring, the rest OpenSSL's); the
-//! key derivation, the packet layouts and the indexes are here.
+//! buffer, [`SrtpSender::protect_rtcp`] does the same for a compound RTCP packet. AES-GCM is
+//! the server's cipher (`rtc::crypto::Gcm`, ring); AES-CM, the SHA-1 HMAC and the key
+//! derivation's AES rounds come from str0m's crypto provider (OpenSSL). The key derivation, the
+//! packet layouts and the indexes are here.
 
-use crate::rtc::crypto::Gcm;
+use crate::rtc::crypto::{Gcm, TAG_LEN};
 use ring::aead;
 use str0m::config::CryptoProvider;
 use str0m::crypto::dtls::SrtpProfile;
@@ -30,7 +31,7 @@ const SRTCP_INDEX_LEN: usize = 4;
 const CTR_SCRATCH: usize = 16;
 
 /// Bytes SRTP adds to an RTP packet at most (tag; index and tag for SRTCP).
-pub(super) const MAX_OVERHEAD: usize = SRTCP_INDEX_LEN + 16 + CTR_SCRATCH;
+pub(super) const MAX_OVERHEAD: usize = SRTCP_INDEX_LEN + TAG_LEN + CTR_SCRATCH;
 
 /// Why keys could not be made.
 #[derive(Debug, thiserror::Error)]
