@@ -248,6 +248,14 @@ mod tests {
                 plain.len()
             );
             assert_eq!(opened, plain);
+            // An encrypted SRTCP packet's AAD comes with an empty second part.
+            opened.fill(0);
+            let aads: [&[u8]; 2] = [&aad, &[]];
+            assert_eq!(
+                dec.decrypt(&IV, &aads, &sealed, &mut opened).unwrap(),
+                plain.len()
+            );
+            assert_eq!(opened, plain);
 
             let mut enc = sealer.aead_aes_256_gcm().create_cipher([5; 32], true);
             let mut dec = opener.aead_aes_256_gcm().create_cipher([5; 32], false);
