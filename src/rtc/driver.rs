@@ -7,9 +7,10 @@
 //! While datagrams flow, the driver reads the socket every [`RECV_TICK`]
 //! instead of waking for each one: a hundred wake-ups a second instead of
 //! 2,000 to 3,000 at a hundred streams, each a context switch and a
-//! cross-CPU wake-up; a read takes up to 32 datagrams per system call. Every datagram keeps the time the kernel received
-//! it, so str0m (and the TWCC feedback it sends) sees true arrival times.
-//! After [`IDLE_TICKS`] empty reads it waits for the socket again.
+//! cross-CPU wake-up; a read takes up to 32 datagrams per system call.
+//! Every datagram keeps the time the kernel received it, so str0m (and the
+//! TWCC feedback it sends) sees true arrival times. After [`IDLE_TICKS`]
+//! empty reads it waits for the socket again.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -331,7 +332,8 @@ impl Driver {
                         bytes += data.len() as u64;
                     }
                     packets += read;
-                    // A short batch emptied the socket: no read to learn so.
+                    // A short batch found the socket empty: no further
+                    // call just to learn so.
                     if read < udp::BATCH {
                         break;
                     }
